@@ -1,0 +1,56 @@
+"""Which execution path an op takes, decided in one place.
+
+- CUDA tensors and Triton installed: the Triton kernel ("triton").
+- CPU tensors with ``TRITON_INTERPRET=1`` *and* inside :func:`interpreted_kernels`: the same
+  Triton kernel, run by Triton's interpreter ("triton-interpreter") -- how CI tests kernels.
+- Anything else: the eager reference ("reference"), which torch.compile can trace and fuse.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+
+_cpu_kernels_enabled = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_active() -> bool:
+    """True when Triton's interpreter is on (it must be set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def interpreted_kernels():
+    """Route CPU tensors through the Triton kernels under the interpreter (tests, debugging)."""
+    global _cpu_kernels_enabled
+    if not interpreter_active():
+        raise RuntimeError("interpreted_kernels() needs TRITON_INTERPRET=1 set before triton is imported")
+    if not triton_available():
+        raise RuntimeError("interpreted_kernels() needs triton installed")
+    previous, _cpu_kernels_enabled = _cpu_kernels_enabled, True
+    try:
+        yield
+    finally:
+        _cpu_kernels_enabled = previous
+
+
+def kernel_path(device: torch.device | str) -> str:
+    """"triton", "triton-interpreter" or "reference": what an op on ``device`` runs."""
+    device = torch.device(device)
+    if device.type == "cuda" and triton_available() and not interpreter_active():
+        return "triton"
+    if device.type == "cpu" and _cpu_kernels_enabled:
+        return "triton-interpreter"
+    return "reference"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return kernel_path(t.device) != "reference"

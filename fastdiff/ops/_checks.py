@@ -1,0 +1,29 @@
+"""Argument checks shared by the fastdiff ops: one clear error per bad input, naming the argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, rank: int | tuple[int, ...] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).removeprefix('torch.')}")
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if ranks is not None and t.dim() not in ranks:
+        raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != reference.device:
+            raise RuntimeError(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+def check_same_shape(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.shape != reference.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {reference_name} has {tuple(reference.shape)}")

@@ -1,0 +1,27 @@
+"""Test-wide set-up. Without a GPU, kernels run under Triton's interpreter, which must be
+switched on before anything imports triton."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def interpreted():
+    """Run fastdiff ops on CPU tensors through the Triton kernels (interpreter)."""
+    from fastdiff.backend import interpreted_kernels
+
+    with interpreted_kernels():
+        yield

@@ -1,0 +1,35 @@
+"""One tolerance table and one verbose comparison helper for every test."""
+from __future__ import annotations
+
+import torch
+
+#: (rtol, atol) per dtype for elementwise ops (torch.testing's defaults, stated explicitly).
+TOLERANCES = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+#: Absolute floor added to the FlashAttention 2x rule, so exact-zero reference errors pass.
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = ""):
+    """assert_close with the table's (rtol, atol) for ``dtype`` (default: actual's dtype)."""
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol, equal_nan=True, msg=msg or None)
+
+
+def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    return (actual.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_within_2x_of_torch(kernel_out: torch.Tensor, torch_out: torch.Tensor, truth: torch.Tensor, what: str = ""):
+    """FlashAttention's rule: kernel error vs the fp64 truth <= 2x PyTorch's error in the same
+    low precision, plus a small floor for the dtype."""
+    assert not torch.isnan(kernel_out).any() or torch.isnan(truth).any(), f"{what}: kernel produced NaN"
+    kernel_err = max_error(kernel_out, truth)
+    torch_err = max_error(torch_out, truth)
+    bound = 2 * torch_err + ERROR_FLOOR[kernel_out.dtype]
+    assert kernel_err <= bound, f"{what}: kernel error {kernel_err:.3e} > 2 x torch error {torch_err:.3e} + floor"
