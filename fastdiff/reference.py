@@ -121,7 +121,8 @@ def sampler_step(
     Noise: ``noise`` if given; else Philox keyed by (element, sample, rng offset, step index)
     if ``rng`` (int64 [seed, offset]) is given; else none. Math in fp32, cast on return.
     """
-    c = coefs[step_index.long()].to(torch.float32)
+    # index_select (not coefs[step_index]): a 0-dim index tensor would be read on the host.
+    c = coefs.index_select(0, step_index.long().reshape(1))[0].to(torch.float32)
     x, e = x_t.to(torch.float32), eps.to(torch.float32)
     x0 = c[0] * x - c[1] * e
     if clip_range is not None:

@@ -20,8 +20,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def interpreted():
-    """Run fastdiff ops on CPU tensors through the Triton kernels (interpreter)."""
-    from fastdiff.backend import interpreted_kernels
+    """Run fastdiff ops on CPU tensors through the Triton kernels (interpreter). Skipped where
+    the interpreter is off (a GPU machine): there the `gpu` tests run the real kernels."""
+    from fastdiff.backend import interpreted_kernels, interpreter_active
+
+    if not interpreter_active():
+        pytest.skip("TRITON_INTERPRET is off: the kernels run on the GPU instead")
 
     with interpreted_kernels():
         yield

@@ -33,3 +33,13 @@ def assert_within_2x_of_torch(kernel_out: torch.Tensor, torch_out: torch.Tensor,
     torch_err = max_error(torch_out, truth)
     bound = 2 * torch_err + ERROR_FLOOR[kernel_out.dtype]
     assert kernel_err <= bound, f"{what}: kernel error {kernel_err:.3e} > 2 x torch error {torch_err:.3e} + floor"
+
+
+def ks_statistic_normal(z: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance between the empirical distribution of z and N(0, 1)."""
+    z = z.double().flatten().sort().values
+    n = z.numel()
+    cdf = torch.special.ndtr(z)
+    above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf
+    below = cdf - torch.arange(n, dtype=torch.float64) / n
+    return max(above.max().item(), below.max().item())

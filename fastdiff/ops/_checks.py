@@ -27,3 +27,20 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **others: tor
     for name, t in others.items():
         if t is not None and t.shape != reference.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {reference_name} has {tuple(reference.shape)}")
+
+
+def check_rng(name: str, rng: torch.Tensor) -> None:
+    """rng: the int64 [seed, offset] pair that keys in-kernel Philox noise."""
+    check_tensor(name, rng, dtypes=(torch.int64,))
+    if rng.shape != (2,):
+        raise ValueError(f"{name} must have shape (2,) holding [seed, offset], got {tuple(rng.shape)}")
+
+
+def check_index_values(name: str, index: torch.Tensor, size: int) -> None:
+    """Indices into a table of ``size`` rows must lie in [0, size). Only CPU tensors are read:
+    on a GPU the check would sync the host (and break CUDA graph capture)."""
+    if index.device.type != "cpu" or index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"{name} must lie in [0, {size}), got values in [{low}, {high}]")

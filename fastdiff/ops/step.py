@@ -1,0 +1,94 @@
+"""``fastdiff::sampler_step``: one fused sampler update (x0, clamp, posterior mean, noise).
+
+Semantics are :func:`fastdiff.reference.sampler_step`; the kernel is
+:mod:`fastdiff.kernels.sampler_step`. No value of a CUDA tensor is read on the host, so the op
+can be captured in a CUDA graph and replayed with ``step_index`` (and ``rng``) updated in place.
+An out-of-range CUDA ``step_index`` is therefore not caught here: the kernel writes NaN (see
+its module docstring); CPU indices are checked and raise ValueError.
+
+Not differentiable: sampling needs no gradients, so no autograd formula is registered.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdiff import backend, reference
+from fastdiff.ops._checks import check_index_values, check_rng, check_same_device, check_same_shape, check_tensor
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+NUM_COEFS = 6  # columns of fastdiff.schedule.STEP_COLUMNS
+
+
+def sampler_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    step_index: torch.Tensor,
+    coefs: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None,
+    clip_range: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (x_prev, x0) in x_t's dtype for row ``coefs[step_index]`` of a StepTable.
+
+    x_t, eps (and noise): (B, ...) float tensors of one shape; step_index: one-element integer
+    tensor on x_t's device; coefs: (S, 6) float32. Noise is ``noise`` if given, else Philox
+    keyed by (element in sample, sample, rng[1], step_index) with key rng[0] if ``rng`` (int64
+    [seed, offset]) is given, else none. ``clip_range``: clamp x0 to [-clip_range, clip_range].
+    """
+    _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range)
+    if x_t.numel() == 0:
+        return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
+    draws_philox = noise is None and rng is not None
+    if backend.kernel_path(x_t.device) == "reference" and not draws_philox:
+        # Plain torch code that torch.compile can trace and fuse. Philox keying needs the seed
+        # and step on the host, so that case runs the opaque op (the same reference, eagerly).
+        if not torch.compiler.is_compiling():
+            check_index_values("step_index", step_index, coefs.shape[0])
+        return reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
+    return torch.ops.fastdiff.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
+
+
+def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range) -> None:
+    check_tensor("x_t", x_t)
+    if x_t.dim() == 0:
+        raise ValueError("x_t must have a leading sample dimension, got a 0-dim tensor")
+    check_tensor("eps", eps)
+    check_same_shape("x_t", x_t, eps=eps)
+    check_tensor("step_index", step_index, dtypes=INDEX_DTYPES, rank=(0, 1))
+    if step_index.numel() != 1:
+        raise ValueError(f"step_index must hold exactly one element, got shape {tuple(step_index.shape)}")
+    check_tensor("coefs", coefs, dtypes=(torch.float32,), rank=2)
+    if coefs.shape[0] == 0 or coefs.shape[1] != NUM_COEFS:
+        raise ValueError(f"coefs must have shape (S, {NUM_COEFS}) with S >= 1, got {tuple(coefs.shape)}")
+    if noise is not None:
+        check_tensor("noise", noise)
+        check_same_shape("x_t", x_t, noise=noise)
+    if rng is not None:
+        check_rng("rng", rng)
+    check_same_device("x_t", x_t, eps=eps, step_index=step_index, coefs=coefs, noise=noise, rng=rng)
+    if clip_range is not None:
+        if not isinstance(clip_range, (int, float)) or isinstance(clip_range, bool):
+            raise TypeError(f"clip_range must be a float or None, got {type(clip_range).__name__}")
+        if not clip_range > 0:
+            raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
+
+
+@torch.library.custom_op(
+    "fastdiff::sampler_step",
+    mutates_args=(),
+    schema="(Tensor x_t, Tensor eps, Tensor step_index, Tensor coefs, Tensor? noise, Tensor? rng, "
+    "float? clip_range) -> (Tensor, Tensor)",
+)
+def _sampler_step_op(x_t, eps, step_index, coefs, noise, rng, clip_range):
+    check_index_values("step_index", step_index, coefs.shape[0])
+    if backend.kernel_path(x_t.device) == "reference":
+        x_prev, x0 = reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
+        return x_prev.contiguous(), x0.contiguous()
+    from fastdiff.kernels.sampler_step import sampler_step as launch
+
+    return launch(x_t, eps, step_index, coefs, noise, rng, clip_range)
+
+
+@_sampler_step_op.register_fake
+def _(x_t, eps, step_index, coefs, noise, rng, clip_range):
+    return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)

@@ -1,0 +1,165 @@
+"""The fused sampler step: x0 prediction, optional clamp, posterior mean and noise in one pass.
+
+One update of the :class:`fastdiff.schedule.StepTable` form::
+
+    x0     = c0 * x_t - c1 * eps            (clamped to [-clip, clip] when CLIP)
+    x_prev = c2 * x0 + c3 * x_t + c4 * eps + c5 * z
+
+The step index is read from device memory and the coefficient row is loaded in-kernel, so a
+CUDA graph replays every step by updating one int64 on the device. z is a given tensor, Philox
+noise drawn in-kernel, or nothing (a constexpr switch on one kernel). Each input element is read
+once and each output written once; the math is fp32, cast to x_t's dtype on store.
+
+The grid is (blocks within a sample, sample), so the sample index is a program id and Philox
+noise keyed by (element in sample, sample, offset, step) is the same for sample i alone or in
+any batch.
+
+An out-of-range step index is not clamped: the coefficient loads are masked and read NaN, so
+every output is NaN (and ``tl.device_assert`` fires when Triton runs in debug mode). The op
+checks the index on the host only for CPU tensors; on CUDA that check would sync, so the
+sampler is responsible for building indices in [0, S).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdiff.kernels.philox import philox_normal
+
+NOISE_MODES = ("none", "given", "philox")
+#: Elements per program and warps: 8 elements per thread, enough bytes in flight per SM for a
+#: bandwidth-bound kernel while tiny samples waste at most one block.
+BLOCK = 1024
+NUM_WARPS = 4
+NUM_STAGES = 1  # no loop to pipeline
+#: CUDA caps grid axis 1 (the sample axis here) at 65535.
+MAX_SAMPLES = 65535
+
+
+@triton.jit
+def sampler_step_kernel(
+    x_ptr,  # (B, N) x_t, contiguous, any float dtype; each element read once into registers
+    eps_ptr,  # (B, N) model output eps, contiguous, any float dtype
+    noise_ptr,  # (B, N) given z when NOISE == "given"; unused otherwise
+    rng_ptr,  # (2,) int64 [seed, offset] when NOISE == "philox"; unused otherwise
+    step_ptr,  # (1,) integer step index, read by every program
+    coefs_ptr,  # (S, 6) float32 table; one row of six scalars per program, kept in registers
+    x_prev_ptr,  # (B, N) output x_{t-1}, x_t's dtype
+    x0_ptr,  # (B, N) output x0 prediction (after the clamp), x_t's dtype; unused unless WRITE_X0
+    n_per_sample,
+    num_steps,
+    clip_range,
+    BLOCK: tl.constexpr,
+    NOISE: tl.constexpr,
+    CLIP: tl.constexpr,
+    WRITE_X0: tl.constexpr,
+):
+    block = tl.program_id(0)
+    sample = tl.program_id(1)
+    element = block * BLOCK + tl.arange(0, BLOCK)
+    mask = element < n_per_sample
+    offsets = sample.to(tl.int64) * n_per_sample + element
+
+    step = tl.load(step_ptr)
+    step_ok = (step >= 0) & (step < num_steps)
+    tl.device_assert(step_ok, "step_index out of range")
+    row = coefs_ptr + step * 6
+    c0 = tl.load(row + 0, mask=step_ok, other=float("nan"))
+    c1 = tl.load(row + 1, mask=step_ok, other=float("nan"))
+    c2 = tl.load(row + 2, mask=step_ok, other=float("nan"))
+    c3 = tl.load(row + 3, mask=step_ok, other=float("nan"))
+    c4 = tl.load(row + 4, mask=step_ok, other=float("nan"))
+    c5 = tl.load(row + 5, mask=step_ok, other=float("nan"))
+
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(eps_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x0 = c0 * x - c1 * eps
+    if CLIP:
+        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
+    x_prev = c2 * x0 + c3 * x + c4 * eps
+    if NOISE == "given":
+        z = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_prev += c5 * z
+    elif NOISE == "philox":
+        seed = tl.load(rng_ptr)
+        offset = tl.load(rng_ptr + 1)
+        x_prev += c5 * philox_normal(seed, element, sample, offset, step)
+
+    tl.store(x_prev_ptr + offsets, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def noise_mode(noise: torch.Tensor | None, rng: torch.Tensor | None) -> str:
+    """A given noise tensor wins over rng, as in the reference; neither means no noise."""
+    if noise is not None:
+        return "given"
+    return "philox" if rng is not None else "none"
+
+
+def sampler_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    step_index: torch.Tensor,
+    coefs: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None,
+    clip_range: float | None = None,
+    *,
+    write_x0: bool = True,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch on already-validated arguments; returns (x_prev, x0), x0 None unless write_x0.
+
+    Outputs are contiguous in x_t's dtype; non-contiguous inputs are copied contiguous first.
+    ``block`` (a power of two) exists for tests: large blocks cut the interpreter's program count.
+    """
+    batch = x_t.shape[0]
+    if batch > MAX_SAMPLES:
+        raise ValueError(f"x_t has {batch} samples; the kernel's grid takes at most {MAX_SAMPLES}")
+    x_prev = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    x0 = torch.empty_like(x_prev) if write_x0 else None
+    if x_prev.numel() == 0:
+        return x_prev, x0
+    mode = noise_mode(noise, rng)
+    x_t = x_t.contiguous()
+    n_per_sample = x_t.numel() // batch
+    grid = (triton.cdiv(n_per_sample, block), batch)
+    sampler_step_kernel[grid](
+        x_t, eps.contiguous(),
+        noise.contiguous() if mode == "given" else x_t,  # never read unless given
+        rng if mode == "philox" else step_index,  # never read unless philox
+        step_index, coefs.contiguous(), x_prev, x0 if write_x0 else x_prev,
+        n_per_sample, coefs.shape[0], 0.0 if clip_range is None else float(clip_range),
+        BLOCK=block, NOISE=mode, CLIP=clip_range is not None, WRITE_X0=write_x0,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    return x_prev, x0
+
+
+def aot_specs():
+    """The configs the launcher picks: each dtype (x_t, eps and noise alike) x noise mode x
+    clamp, writing x0 as the op does; plus an fp32 sample with a bf16 model output (autocast
+    sampling) and an x0-less Philox step. Other dtype mixes compile the same code."""
+    from fastdiff.kernels.aot import AotSpec
+
+    def spec(dtype: str, mode: str, clip: bool, write_x0: bool = True, eps_dtype: str | None = None) -> AotSpec:
+        eps_dtype = eps_dtype or dtype
+        constexprs = {"BLOCK": BLOCK, "NOISE": mode, "CLIP": clip, "WRITE_X0": write_x0}
+        signature = {
+            "x_ptr": f"*{dtype}", "eps_ptr": f"*{eps_dtype}", "noise_ptr": f"*{dtype}", "rng_ptr": "*i64",
+            "step_ptr": "*i64", "coefs_ptr": "*fp32", "x_prev_ptr": f"*{dtype}", "x0_ptr": f"*{dtype}",
+            "n_per_sample": "i32", "num_steps": "i32", "clip_range": "fp32",
+            **{name: "constexpr" for name in constexprs},
+        }  # fmt: skip
+        name = f"sampler_step_{dtype}" + (f"_eps_{eps_dtype}" if eps_dtype != dtype else "") + f"_{mode}"
+        name += ("_clip" if clip else "") + ("" if write_x0 else "_no_x0")
+        return AotSpec(name, sampler_step_kernel, signature, constexprs, NUM_WARPS, NUM_STAGES)
+
+    specs = [
+        spec(dtype, mode, clip) for dtype in ("fp32", "bf16", "fp16") for mode in NOISE_MODES for clip in (False, True)
+    ]
+    specs.append(spec("fp32", "philox", clip=True, eps_dtype="bf16"))
+    specs.append(spec("fp32", "philox", clip=True, write_x0=False))
+    return specs

@@ -1,0 +1,203 @@
+"""The fused sampler step kernel against fastdiff.reference.sampler_step: the interpreter on CPU
+tensors here, the compiled kernel in the @gpu tests."""
+import pytest
+import torch
+from helpers import TOLERANCES, assert_close, ks_statistic_normal
+
+from fastdiff import reference
+from fastdiff.kernels import sampler_step as kernel
+from fastdiff.schedule import ddpm_table, linear_schedule
+
+#: Diffusers-form DDPM over 10 of 1000 steps: x0 clipped, sigma > 0 except at the last step.
+TABLE = ddpm_table(linear_schedule(), steps=10, form="diffusers")
+#: A one-row table whose update is x_prev = z: isolates the noise.
+NOISE_ONLY = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+SHAPES = [
+    pytest.param((3, 3, 7, 5), id="B3-3x7x5"),
+    pytest.param((4, 1), id="one-element-per-sample"),
+    pytest.param((2, 1100), id="two-blocks-ragged-tail"),  # 1100 = 1024 + 76 with BLOCK=1024
+]
+
+
+def make_inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(2 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]  # x_t, eps, noise
+
+
+def draw_noise(shape, seed, offset, step, block=kernel.BLOCK):
+    """The kernel's Philox z for (seed, offset, step), through the NOISE_ONLY update."""
+    zeros = torch.zeros(shape)
+    coefs = NOISE_ONLY.expand(step + 1, 6).contiguous()
+    z, _ = kernel.sampler_step(zeros, zeros, torch.tensor(step), coefs, rng=torch.tensor([seed, offset]), block=block)
+    return z
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", kernel.NOISE_MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(shape, mode, dtype):
+    x_t, eps, noise = make_inputs(shape, dtype)
+    noise_args = {"none": {}, "given": {"noise": noise}, "philox": {"rng": torch.tensor([1234, 5])}}[mode]
+    for step in (0, 4, TABLE.num_steps - 1):
+        for clip in (None, TABLE.clip):
+            step_index = torch.tensor(step)
+            x_prev, x0 = kernel.sampler_step(x_t, eps, step_index, TABLE.coefs, clip_range=clip, **noise_args)
+            ref_prev, ref_x0 = reference.sampler_step(x_t, eps, step_index, TABLE.coefs, clip_range=clip, **noise_args)
+            assert x_prev.dtype == x0.dtype == dtype
+            what = f"step {step}, clip {clip}"
+            assert_close(x_prev, ref_prev, msg=f"x_prev, {what}")
+            assert_close(x0, ref_x0, msg=f"x0, {what}")
+
+
+def test_small_blocks_cover_every_element():
+    # 105 elements per sample in 32-element blocks: four programs per sample, the last ragged.
+    x_t, eps, noise = make_inputs((3, 3, 7, 5), torch.float32)
+    rng = torch.tensor([7, 0])
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(2), TABLE.coefs, rng=rng, clip_range=1.0, block=32)
+    ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(2), TABLE.coefs, rng=rng, clip_range=1.0)
+    assert_close(x_prev, ref_prev)
+    assert_close(x0, ref_x0)
+
+
+def test_mixed_input_dtypes_follow_x_t():
+    x_t, _, _ = make_inputs((3, 3, 7, 5), torch.float32)
+    _, eps, _ = make_inputs((3, 3, 7, 5), torch.bfloat16, seed=1)
+    _, _, noise = make_inputs((3, 3, 7, 5), torch.float16, seed=2)
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), TABLE.coefs, noise=noise, clip_range=1.0)
+    ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(3), TABLE.coefs, noise=noise, clip_range=1.0)
+    assert x_prev.dtype == x0.dtype == torch.float32
+    assert_close(x_prev, ref_prev)
+    assert_close(x0, ref_x0)
+
+
+def test_index_shapes_and_dtypes():
+    x_t, eps, _ = make_inputs((3, 3, 7, 5), torch.float32)
+    expected = reference.sampler_step(x_t, eps, torch.tensor(4), TABLE.coefs, rng=torch.tensor([3, 1]))
+    for step_index in (torch.tensor([4]), torch.tensor(4, dtype=torch.int32)):
+        got = kernel.sampler_step(x_t, eps, step_index, TABLE.coefs, rng=torch.tensor([3, 1]))
+        assert_close(got[0], expected[0])
+        assert_close(got[1], expected[1])
+
+
+def test_without_x0_writes_the_same_x_prev():
+    x_t, eps, noise = make_inputs((3, 3, 7, 5), torch.float32)
+    with_x0, _ = kernel.sampler_step(x_t, eps, torch.tensor(1), TABLE.coefs, noise=noise, clip_range=1.0)
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(1), TABLE.coefs, noise=noise, clip_range=1.0,
+                                     write_x0=False)  # fmt: skip
+    assert x0 is None
+    assert torch.equal(x_prev, with_x0)
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(3, 5, 7, 4, generator=g).transpose(1, 3)  # (3, 4, 7, 5), permuted
+    eps = torch.randn(3, 4, 7, 10, generator=g)[..., ::2]  # strided last dim
+    noise = torch.randn(5, 3, 7, 4, generator=g).permute(1, 3, 2, 0)
+    assert not (x_t.is_contiguous() or eps.is_contiguous() or noise.is_contiguous())
+    for extra in ({"noise": noise}, {"rng": torch.tensor([9, 9])}):
+        x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(5), TABLE.coefs, clip_range=1.0, **extra)
+        ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(5), TABLE.coefs, clip_range=1.0, **extra)
+        assert x_prev.is_contiguous() and x0.is_contiguous()
+        assert_close(x_prev, ref_prev)
+        assert_close(x0, ref_x0)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_nan_propagates(clip):
+    x_t, eps, noise = make_inputs((2, 16), torch.float32)
+    x_t[0, 3] = float("nan")
+    eps[1, 5] = float("nan")
+    noise[1, 9] = float("nan")
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(2), TABLE.coefs, noise=noise, clip_range=clip)
+    assert x0[0, 3].isnan() and x0[1, 5].isnan() and x_prev[0, 3].isnan() and x_prev[1, 5].isnan()
+    assert x_prev[1, 9].isnan() and not x0[1, 9].isnan()
+    assert x_prev.isnan().sum() == 3
+    ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(2), TABLE.coefs, noise=noise, clip_range=clip)
+    assert_close(x_prev, ref_prev)
+    assert_close(x0, ref_x0)
+
+
+@pytest.mark.parametrize("step", [-1, TABLE.num_steps])
+def test_out_of_range_step_gives_nan_not_a_clamped_row(step):
+    x_t, eps, _ = make_inputs((2, 3, 4, 4), torch.float32)
+    rng = torch.tensor([1, 2])
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(step), TABLE.coefs, rng=rng, clip_range=1.0)
+    assert x_prev.isnan().all() and x0.isnan().all()
+
+
+# ---------------------------------------------------------------- in-kernel Philox noise
+
+
+@pytest.mark.parametrize(
+    "seed, offset, step",
+    [
+        (0, 0, 0),
+        (1234, 5, 7),
+        (2**40 + 3, 2**31 + 11, 999),  # seed's high word in use; offset above int32
+        (-1, -5, 3),  # negative values are taken modulo 2^64 / 2^32, as in the reference
+    ],
+)
+def test_noise_matches_reference_philox(seed, offset, step):
+    z = draw_noise((3, 3, 7, 5), seed, offset, step)
+    expected = reference.philox_noise_like(z, seed, offset, step)
+    # Same Philox words; only the fp32 log/sqrt/cos of Box-Muller may differ in the last bit.
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_noise_statistics():
+    # 2^20 draws in four 2^18-element programs: cheap in the interpreter.
+    z = draw_noise((4, 2**18), seed=2024, offset=3, step=5, block=2**18)
+    assert abs(z.mean().item()) < 1e-2
+    assert abs(z.std().item() - 1) < 1e-2
+    assert ks_statistic_normal(z) < 1e-2
+    per_sample_means = z.mean(dim=1)
+    assert per_sample_means.abs().max() < 1e-2  # no sample is shifted
+
+
+def test_noise_is_reproducible_and_keyed_by_seed_offset_and_step():
+    shape = (3, 3, 7, 5)
+    z = draw_noise(shape, seed=11, offset=4, step=6)
+    assert torch.equal(z, draw_noise(shape, seed=11, offset=4, step=6))
+    for changed in ({"seed": 12}, {"offset": 5}, {"step": 7}):
+        other = draw_noise(shape, **{"seed": 11, "offset": 4, "step": 6, **changed})
+        assert (other == z).float().mean() < 1e-2, f"noise did not change with {changed}"
+
+
+def test_offset_keys_on_its_low_32_bits():
+    shape = (2, 50)
+    assert torch.equal(draw_noise(shape, 5, 7, 1), draw_noise(shape, 5, 2**32 + 7, 1))
+
+
+def test_sample_noise_does_not_depend_on_batch_size():
+    alone = draw_noise((1, 3, 7, 5), seed=8, offset=2, step=3)
+    pair = draw_noise((2, 3, 7, 5), seed=8, offset=2, step=3)
+    batch = draw_noise((3, 3, 7, 5), seed=8, offset=2, step=3)
+    assert torch.equal(batch[:1], alone)
+    assert torch.equal(batch[:2], pair)
+    assert (batch[1] == batch[2]).float().mean() < 1e-2  # samples get different noise
+
+
+# ---------------------------------------------------------------- compiled kernel on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["given", "philox"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_matches_reference(dtype, mode):
+    x_t, eps, noise = make_inputs((256, 3, 32, 32), dtype)
+    noise_args = {"noise": noise} if mode == "given" else {"rng": torch.tensor([77, 2**33 + 1])}
+    cuda_args = {k: v.cuda() for k, v in noise_args.items()}
+    coefs = TABLE.coefs.cuda()
+    for step in (0, 5, TABLE.num_steps - 1):
+        step_index = torch.tensor(step)
+        x_prev, x0 = kernel.sampler_step(x_t.cuda(), eps.cuda(), step_index.cuda(), coefs, clip_range=1.0, **cuda_args)
+        ref_prev, ref_x0 = reference.sampler_step(x_t, eps, step_index, TABLE.coefs, clip_range=1.0, **noise_args)
+        # The GPU may fuse multiply-adds: up to a rounding step of x_t's dtype from the CPU reference.
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(x_prev.cpu(), ref_prev, rtol=rtol, atol=atol)
+        torch.testing.assert_close(x0.cpu(), ref_x0, rtol=rtol, atol=atol)
