@@ -1,0 +1,127 @@
+"""Sample images from a model folder (or a preset) and write a PNG grid and an .npz."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from fastdiff.commands import UsageError, resolve_device
+
+PRESETS = ("default", "cifar10", "tiny")
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_DDIM_STEPS = 50
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", metavar="FOLDER", type=Path,
+        help="model folder with config.json + model.safetensors (default: the built-in model)",
+    )
+    source.add_argument("--config", choices=PRESETS, help="sample a random-init model of this preset instead")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
+    parser.add_argument(
+        "--steps", type=_positive_int,
+        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, T for ddpm)",
+    )
+    parser.add_argument("--eta", type=_non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
+    parser.add_argument("--batch", type=_positive_int, default=16, help="number of images (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images (default: %(default)s)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eta is not None and args.sampler != "ddim":
+        raise UsageError("--eta applies to --sampler ddim only")
+    device = resolve_device(args.device)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+
+    import torch
+
+    from fastdiff.images import save_grid_png, save_npz
+    from fastdiff.schedule import make_schedule, step_table
+
+    model, info = _load(args, device)
+    schedule = make_schedule(info.schedule, info.num_timesteps)
+    steps = args.steps or (DEFAULT_DDIM_STEPS if args.sampler == "ddim" else schedule.num_timesteps)
+    if steps > schedule.num_timesteps:
+        raise UsageError(f"--steps {steps}: must be at most T = {schedule.num_timesteps} for this model")
+    if info.config.out_channels != info.config.in_channels:
+        raise UsageError("the model predicts more channels than it takes: only eps-prediction models can be sampled")
+    table = step_table(schedule, args.sampler, steps=steps, eta=args.eta or 0.0)
+
+    config = info.config
+    shape = (args.batch, config.in_channels, config.image_size, config.image_size)
+    class_labels = None
+    if config.num_classes:
+        class_labels = torch.arange(args.batch, dtype=torch.int64) % config.num_classes
+    path_name, sample = build_sampler(model, table, device, progress=not args.no_progress)
+
+    print(f"model:   {info.description}")
+    print(f"path:    {path_name} on {device}")
+    print(f"sampler: {args.sampler}, {steps} steps" + (f", eta {args.eta or 0.0}" if args.sampler == "ddim" else "")
+          + f", batch {args.batch} of {config.image_size}x{config.image_size}, seed {args.seed}"
+          + (f", class labels cycling 0..{config.num_classes - 1}" if class_labels is not None else ""))
+    start = time.perf_counter()
+    images = sample(shape, args.seed, class_labels)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = save_grid_png(images, args.out / "samples.png")
+    npz = save_npz(images, args.out / "samples.npz")
+    print(f"time:    {seconds:.2f} s for {args.batch} images ({seconds / steps * 1000:.1f} ms/step)")
+    print(f"wrote:   {png} and {npz}")
+    return 0
+
+
+def build_sampler(model, table, device: str, progress: bool = True):
+    """The execution path of ``fastdiff sample``: returns (name, sample(shape, seed, class_labels)).
+
+    The one place that picks the path; the accelerated sampler plugs in here.
+    """
+    from fastdiff.sampling import sample_reference
+
+    def sample(shape, seed, class_labels):
+        return sample_reference(
+            model, table, shape=shape, seed=seed, class_labels=class_labels, device=device, progress=progress
+        )
+
+    return "reference (eager PyTorch)", sample
+
+
+def _load(args: argparse.Namespace, device: str):
+    from fastdiff.io import load_model, random_init_model
+    from fastdiff.unet import UNetConfig
+
+    if args.config is not None:
+        preset = {"default": UNetConfig, "cifar10": UNetConfig.cifar10, "tiny": UNetConfig.tiny}[args.config]
+        return random_init_model(preset(), device=device)
+    try:
+        return load_model(args.model, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--model: {e}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

@@ -1,0 +1,126 @@
+"""The ``fastdiff`` command line, run in-process through ``fastdiff.cli.main``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import io
+from fastdiff.cli import COMMANDS, main
+from fastdiff.images import NPZ_KEY
+from fastdiff.unet import UNet, UNetConfig
+
+TINY_SAMPLE = ["sample", "--config", "tiny", "--steps", "2", "--batch", "2", "--no-progress"]
+
+
+def _images(folder) -> np.ndarray:
+    with np.load(folder / "samples.npz") as data:
+        return data[NPZ_KEY]
+
+
+def test_sample_writes_grid_and_npz(tmp_path, capsys):
+    assert main([*TINY_SAMPLE, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "2 steps" in out and "time:" in out
+    images = _images(tmp_path / "out")
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "samples.png") as picture:
+        assert picture.size == (2 + 2 * 18, 2 + 1 * 18)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["samples.npz", "samples.png"]
+
+
+def test_sample_is_reproducible_and_seeded(tmp_path):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main([*TINY_SAMPLE, "--sampler", "ddpm", "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    np.testing.assert_array_equal(_images(tmp_path / "a"), _images(tmp_path / "b"))
+    assert not np.array_equal(_images(tmp_path / "a"), _images(tmp_path / "c"))
+
+
+def test_sample_from_a_model_folder(tmp_path, capsys):
+    folder = io.save_model(UNet(UNetConfig.tiny(image_size=8, in_channels=1)), tmp_path / "model")
+    args = ["sample", "--model", str(folder), "--steps", "2", "--batch", "3", "--no-progress", "--eta", "0.5"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert str(folder) in capsys.readouterr().out
+    assert _images(tmp_path / "out").shape == (3, 8, 8, 1)
+
+
+def _tiny(*extra: str) -> list[str]:
+    return [*TINY_SAMPLE, *extra]
+
+
+BAD_SAMPLE_ARGS = {
+    "unknown sampler": (_tiny("--sampler", "euler"), "invalid choice: 'euler'"),
+    "steps 0": (_tiny("--steps", "0"), "--steps: must be >= 1"),
+    "steps not a number": (_tiny("--steps", "ten"), "--steps: expected an integer"),
+    "steps > T": (_tiny("--steps", "1001"), "--steps 1001: must be at most T = 1000"),
+    "negative eta": (_tiny("--eta", "-0.1"), "--eta: must be >= 0"),
+    "nan eta": (_tiny("--eta", "nan"), "--eta: must be >= 0"),
+    "eta with ddpm": (_tiny("--sampler", "ddpm", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
+    "batch 0": (_tiny("--batch", "0"), "--batch: must be >= 1"),
+    "unknown device": (_tiny("--device", "tpu"), "--device must be cpu, cuda"),
+    "unknown preset": (["sample", "--config", "huge"], "invalid choice: 'huge'"),
+    "missing model folder": (["sample", "--model", "{tmp}/nowhere"], "--model: model folder"),
+    "model and config": (_tiny("--model", "{tmp}/nowhere"), "not allowed with argument"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAMPLE_ARGS))
+def test_bad_sample_arguments_exit_2_and_write_nothing(tmp_path, capsys, case):
+    args, message = BAD_SAMPLE_ARGS[case]
+    assert main([a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "usage: fastdiff sample" in err and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_device_without_gpu_is_a_usage_error(tmp_path, capsys):
+    assert main([*TINY_SAMPLE, "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_model_folder_is_reported(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{oops")
+    assert main(["sample", "--model", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "config.json: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_reports_versions_and_paths(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out and "execution paths" in out and "diffusers" in out
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["torch"].startswith(torch.__version__)
+    assert report["execution paths"]["cpu"].startswith("reference")
+
+
+def test_top_level_help_and_errors(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main([]) == 2
+    assert main(["paint"]) == 2
+    assert "invalid choice: 'paint'" in capsys.readouterr().err
+    assert main(["sample", "--help"]) == 0
+    assert "--sampler" in capsys.readouterr().out
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from fastdiff.cli import main; code = main(['--help']); "
+        "sys.exit(10 if 'torch' in sys.modules else code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "sample" in result.stdout

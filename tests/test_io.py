@@ -1,0 +1,247 @@
+"""Model folders, atomic writes and image files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastdiff import io
+from fastdiff.images import NPZ_KEY, make_grid, save_grid_png, save_npz, to_uint8
+from fastdiff.unet import UNet, UNetConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return UNet(UNetConfig.tiny(image_size=8)).eval()
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_model):
+    return io.save_model(tiny_model, tmp_path / "model", extra={"trained_steps": 12})
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def test_round_trip(saved, tiny_model):
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((saved / "config.json").read_text())
+    assert config["format"] == "fastdiff-unet" and config["version"] == 1
+    assert config["schedule"] == "linear" and config["num_timesteps"] == 1000
+    model, info = io.load_model(saved)
+    assert info.config == tiny_model.config and info.folder == saved
+    assert info.extra == {"trained_steps": 12} and not info.random_init
+    assert not model.training
+    assert _same_weights(model, tiny_model)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), tiny_model(x, t))
+
+
+def test_load_with_dtype(saved):
+    model, _ = io.load_model(saved, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_save_into_existing_folder_replaces_files_and_keeps_others(saved, tiny_model):
+    (saved / "notes.txt").write_text("keep me")
+    other = UNet(UNetConfig.tiny(image_size=16))
+    io.save_model(other, saved, schedule="cosine", num_timesteps=500)
+    model, info = io.load_model(saved)
+    assert info.config.image_size == 16 and info.schedule == "cosine" and info.num_timesteps == 500
+    assert info.extra == {}
+    assert _same_weights(model, other)
+    assert (saved / "notes.txt").read_text() == "keep me"
+    assert not [p for p in saved.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_save_failure_leaves_nothing(tmp_path, tiny_model):
+    with pytest.raises(TypeError):
+        io.save_model(tiny_model, tmp_path / "model", extra={"bad": object()})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="schedule"):
+        io.save_model(tiny_model, tmp_path / "model", schedule="quadratic")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match="fastdiff UNet"):
+        io.save_model(torch.nn.Linear(2, 2), tmp_path / "model")
+
+
+def test_missing_folder_and_files(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        io.load_model(tmp_path / "nowhere")
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        io.load_model(saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        io.load_model(saved)
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda f: (f / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+        (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object"),
+        (lambda f: _edit_config(f, format="other"), "config.json: format"),
+        (lambda f: _edit_config(f, version=99), "config.json: unsupported version"),
+        (lambda f: _edit_config(f, widht=3), "config.json: unknown UNet config keys"),
+        (lambda f: _edit_config(f, image_size=9), "config.json: image_size 9 must be divisible"),
+        (lambda f: _edit_config(f, num_groups=7), "config.json: channels .* num_groups"),
+        (lambda f: _edit_config(f, schedule="quadratic"), "config.json: schedule"),
+        (lambda f: _edit_config(f, extra=[1]), "config.json: 'extra'"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x00garbage" * 10), "model.safetensors: not a readable"),
+        (lambda f: _truncate(f / "model.safetensors"), "model.safetensors: not a readable"),
+        (lambda f: _edit_tensors(f, drop="conv_in.weight"), r"model.safetensors: .*missing tensors \[conv_in.weight\]"),
+        (lambda f: _edit_tensors(f, add="extra.weight"), r"model.safetensors: .*unexpected tensors \[extra.weight\]"),
+        (lambda f: _edit_tensors(f, reshape="conv_out.bias"), "model.safetensors: tensor 'conv_out.bias' has shape"),
+        (lambda f: _edit_config(f, ch=64, num_groups=8), "model.safetensors: .*shape"),
+    ],
+    ids=["bad json", "json list", "format", "version", "unknown key", "image size", "groups", "schedule", "extra",
+         "garbage weights", "truncated weights", "missing tensor", "unexpected tensor", "wrong shape",
+         "config mismatch"],
+)
+def test_corrupt_folder_errors_name_the_file(saved, corrupt, match):
+    corrupt(saved)
+    with pytest.raises(ValueError, match=match):
+        io.load_model(saved)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _edit_tensors(folder, drop=None, add=None, reshape=None):
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    if drop:
+        del tensors[drop]
+    if add:
+        tensors[add] = torch.zeros(3)
+    if reshape:
+        tensors[reshape] = torch.zeros(tensors[reshape].numel() + 1)
+    save_file(tensors, str(path))
+
+
+def test_default_model_without_builtin_is_seeded_random_cifar10(monkeypatch, tmp_path):
+    monkeypatch.setattr(io, "BUILTIN_FOLDER", tmp_path / "absent")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model, info = io.load_model()
+    assert torch.equal(torch.get_rng_state(), before), "must not disturb the global RNG"
+    assert info.random_init and info.folder is None and "random-init" in info.description
+    assert info.config == UNetConfig.cifar10()
+    again, _ = io.load_model()
+    assert _same_weights(model, again)
+
+
+def test_default_model_uses_builtin_folder_when_shipped(monkeypatch, saved):
+    monkeypatch.setattr(io, "BUILTIN_FOLDER", saved)
+    _, info = io.load_model()
+    assert info.folder == saved and not info.random_init
+
+
+def test_loading_never_touches_the_network(monkeypatch, saved):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access while loading a model")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    io.load_model(saved)
+
+
+# ---------------------------------------------------------------- atomic_write
+
+
+def test_atomic_write_replaces_and_cleans_up(tmp_path):
+    target = tmp_path / "data.txt"
+    target.write_text("old")
+
+    def fail(path):
+        path.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+    seen = []
+    io.atomic_write(target, lambda path: (seen.append(path), path.write_text("new")))
+    assert target.read_text() == "new"
+    assert seen[0].parent == tmp_path and seen[0].suffix == ".txt" and seen[0] != target
+    assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_to_uint8_maps_the_range():
+    images = torch.tensor([-1.0, -1.5, 0.0, 1.0, 2.0, 0.5]).reshape(1, 1, 2, 3)
+    out = to_uint8(images)
+    assert out.dtype == np.uint8 and out.shape == (1, 2, 3, 1)
+    assert out.ravel().tolist() == [0, 0, 128, 255, 255, 191]
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (torch.full((1, 3, 2, 2), float("nan")), "NaN"),
+        (torch.zeros(1, 2, 2, 2), "1 or 3 channels"),
+        (torch.zeros(3, 2, 2), r"\(B, C, H, W\)"),
+    ],
+    ids=["nan", "two channels", "3-d"],
+)
+def test_to_uint8_bad_input(images, match):
+    with pytest.raises(ValueError, match=match):
+        to_uint8(images)
+
+
+def test_save_grid_png_and_npz(tmp_path):
+    from PIL import Image
+
+    images = torch.rand(5, 3, 4, 6) * 2 - 1
+    png = save_grid_png(images, tmp_path / "grid.png")
+    npz = save_npz(images, tmp_path / "samples.npz")
+    with Image.open(png) as picture:
+        assert picture.mode == "RGB"
+        # 5 images -> 3 per row, 2 rows, 2 px padding
+        assert picture.size == (2 + 3 * (6 + 2), 2 + 2 * (4 + 2))
+        grid = np.asarray(picture)
+    np.testing.assert_array_equal(grid, make_grid(to_uint8(images)))
+    np.testing.assert_array_equal(grid[2:6, 2:8], to_uint8(images)[0])
+    with np.load(npz) as data:
+        np.testing.assert_array_equal(data[NPZ_KEY], to_uint8(images))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "samples.npz"]
+
+
+def test_grayscale_grid(tmp_path):
+    from PIL import Image
+
+    with Image.open(save_grid_png(torch.zeros(4, 1, 3, 3), tmp_path / "g.png")) as picture:
+        assert picture.mode == "L" and picture.size == (2 + 2 * 5, 2 + 2 * 5)
+
+
+def test_failed_image_write_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        save_npz(torch.full((1, 3, 2, 2), float("inf")), tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="empty"):
+        save_grid_png(np.zeros((0, 2, 2, 3), dtype=np.uint8), tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
