@@ -1,0 +1,134 @@
+"""Check the fast sampler against the reference sampler on the same noise (fp32 error, bf16 PSNR).
+
+Runs the eager reference sampler once, then ``fastdiff.Sampler`` in each requested dtype with
+the very same external noise, and compares the final samples: float32 must stay within
+1e-4 max abs, half dtypes at >= 30 dB PSNR (samples clamped to [-1, 1], peak-to-peak 2).
+Exit code 0 when every bar holds, 1 otherwise. The default is the issue's check: the tiny
+config, a full 1000-step DDPM trajectory, x0 clipped to [-1, 1] as google/ddpm-cifar10-32 does
+(an untrained model's samples would otherwise grow without bound).
+
+``--fp64`` also runs the same maths in float64 and prints every path's distance to it,
+including the fp32 reference's own: how much the trajectory amplifies rounding. Deterministic
+DDIM with an untrained model is chaotic (the fp32 reference drifts far from fp64), so there
+the fp32 bar measures rounding noise, not the sampler.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from fastdiff.commands import resolve_device
+from fastdiff.commands.sample import PRESETS, SAMPLERS, _load, _positive_int
+
+FP32_MAX_ABS = 1e-4
+HALF_MIN_PSNR_DB = 30.0
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="FOLDER", type=Path, help="model folder (default: --config tiny)")
+    source.add_argument("--config", choices=PRESETS, help="a random-init model of this preset (default: tiny)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="default: %(default)s")
+    parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: T for ddpm, 50 for ddim)")
+    parser.add_argument("--batch", type=_positive_int, default=4, help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--no-compile", action="store_true", help="run the accelerated model without torch.compile")
+    parser.add_argument("--no-clip", action="store_true", help="do not clamp x0 to [-1, 1]")
+    parser.add_argument("--fp64", action="store_true", help="also compare every path with a float64 run")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def psnr(actual, reference, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``actual`` against ``reference``, both clamped to
+    [-data_range/2, data_range/2] as images are; inf when they are equal."""
+    half = data_range / 2
+    mse = (actual.double().clamp(-half, half) - reference.double().clamp(-half, half)).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def fp64_trajectory(model, table, noise, class_labels=None):
+    """The sampler's maths in float64, model included (a float64 copy): the truth that fp32
+    paths are measured against when the fp32 reference's own rounding matters."""
+    import copy
+
+    import torch
+
+    model64 = copy.deepcopy(model).double().eval()
+    x = noise.x_T.double()
+    with torch.no_grad():
+        for i, c in enumerate(table.coefs.double().to(x.device)):
+            t = table.timesteps[i].to(x.device).expand(x.shape[0])
+            eps = model64(x, t) if class_labels is None else model64(x, t, class_labels)
+            x0 = c[0] * x - c[1] * eps
+            x0 = x0 if table.clip is None else x0.clamp(-table.clip, table.clip)
+            x = c[2] * x0 + c[3] * x + c[4] * eps + c[5] * noise.z[i].double()
+    return x
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdiff.commands import UsageError
+
+    dtype_names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    unknown = sorted(set(dtype_names) - set(DTYPE_NAMES))
+    if unknown or not dtype_names:
+        raise UsageError(f"--dtypes must list some of {', '.join(DTYPE_NAMES)}, got {args.dtypes!r}")
+    device = resolve_device(args.device)
+    if args.model is None and args.config is None:
+        args.config = "tiny"
+
+    import torch
+
+    from fastdiff.sampler import Sampler
+    from fastdiff.sampling import draw_noise, sample_reference
+    from fastdiff.schedule import ddim_table, ddpm_table, make_schedule
+
+    model, info = _load(args, device)
+    schedule = make_schedule(info.schedule, info.num_timesteps)
+    clip = not args.no_clip
+    if args.sampler == "ddpm":
+        table = ddpm_table(schedule, steps=args.steps, clip_sample=clip)
+    else:
+        table = ddim_table(schedule, steps=args.steps or 50, clip_sample=clip)
+    config = info.config
+    shape = (args.batch, config.in_channels, config.image_size, config.image_size)
+    labels = torch.arange(args.batch, device=device) % config.num_classes if config.num_classes else None
+    noise = draw_noise(table, shape, args.seed, device=device)
+
+    print(f"model:   {info.description}")
+    print(f"sampler: {table.method}, {table.num_steps} steps, clip {table.clip}, batch {args.batch}, seed {args.seed}")
+    start = time.perf_counter()
+    reference = sample_reference(model, table, noise=noise, class_labels=labels, device=device,
+                                 progress=not args.no_progress)  # fmt: skip
+    print(f"reference (eager fp32): {time.perf_counter() - start:.1f} s")
+    truth = fp64_trajectory(model, table, noise, labels) if args.fp64 else None
+    if truth is not None:
+        print(f"reference vs float64: max abs {_max_abs(reference, truth):.3e} (the trajectory's own rounding)")
+
+    passed = True
+    for name in dtype_names:
+        dtype = getattr(torch, name)
+        sampler = Sampler(model, table, dtype=dtype, device=device, compile=not args.no_compile)
+        warmup = sampler.warmup(args.batch, class_labels=labels, external_noise=True)
+        start = time.perf_counter()
+        out = sampler.sample(noise=noise, class_labels=labels, progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        max_abs = _max_abs(out, reference)
+        db = psnr(out, reference)
+        ok = max_abs <= FP32_MAX_ABS if dtype == torch.float32 else db >= HALF_MIN_PSNR_DB
+        bar = f"max abs <= {FP32_MAX_ABS:g}" if dtype == torch.float32 else f"PSNR >= {HALF_MIN_PSNR_DB:g} dB"
+        print(f"{name:>9}: max abs {max_abs:.3e}, PSNR {db:.2f} dB -> {'PASS' if ok else 'FAIL'} ({bar}); "
+              f"warm-up {warmup:.1f} s, sampling {seconds:.1f} s")  # fmt: skip
+        if truth is not None:
+            print(f"           vs float64: max abs {_max_abs(out, truth):.3e}")
+        print(f"           path: {sampler.describe()['path']}")
+        passed &= ok
+    return 0 if passed else 1
+
+
+def _max_abs(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()

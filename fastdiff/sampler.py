@@ -1,0 +1,358 @@
+"""``fastdiff.Sampler``: the fast DDPM/DDIM sampling loop, one API on CPU and GPU.
+
+What runs:
+
+- the model is passed through :func:`fastdiff.accelerate` (fused GroupNorm+SiLU, attention);
+- one sampling step -- gather t from the device table by the step index, eps = model(x_t, t),
+  the fused step op -- is one :class:`DenoiseStep` module, compiled whole by
+  :mod:`fastdiff.compile` (inductor, weight freezing);
+- on a GPU that step is captured in a CUDA graph per shape (:mod:`fastdiff.graphs`) and
+  replayed S times; on a CPU it is called S times (CPUs have no graphs: asked for them, the
+  sampler runs without and says so).
+
+Precision: ``dtype`` is the model's dtype; x_t and the step maths stay float32 whatever it is
+(the model's input is cast, eps is read in the step op in fp32), which is what keeps bf16
+samples within 30 dB PSNR of the fp32 reference. Half dtypes also run channels_last on CPU.
+float32 is the exact mode (on CUDA, TF32 is off while the sampler runs). Weights are shared
+with the caller's model when device and dtype already match, else converted in a copy.
+
+Noise: ``sample(noise=ExternalNoise)`` uses exactly that noise (so results compare with
+:func:`fastdiff.sampling.sample_reference`); ``sample(batch, seed)`` draws with
+:func:`fastdiff.sampling.draw_noise`, the reference sampler's generator (same seed, same
+samples), except with the Triton kernels (GPU): x_T still comes from that generator but each
+z is drawn inside the step kernel, Philox keyed by (element, sample, 0, step) under ``seed``.
+
+``describe()`` says what actually ran. ``warmup(batch)`` compiles (and captures) ahead of
+sampling and returns the seconds it took, so benchmarks can report compile time apart.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from fastdiff import backend, ops
+from fastdiff.accelerate import accelerate
+from fastdiff.compile import compile_for
+from fastdiff.graphs import GraphCache, GraphKey
+from fastdiff.sampling import ExternalNoise, _check_class_labels, _check_shape, draw_noise
+from fastdiff.schedule import NoiseSchedule, StepTable, linear_schedule, step_table
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+AUTO = "auto"
+
+
+class DenoiseStep(nn.Module):
+    """One sampling step as one module (what is compiled and captured)::
+
+        t = timesteps[step_index] (gathered on the device)
+        eps = model(x_t in the model's dtype and layout, t[, class_labels])
+        x_prev = fastdiff.ops.sampler_step(x_t, eps, step_index, coefs, noise | rng)  (fp32)
+    """
+
+    def __init__(self, model: nn.Module, table: StepTable, model_dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.model = model
+        self.register_buffer("timesteps", table.timesteps, persistent=False)
+        self.register_buffer("coefs", table.coefs, persistent=False)
+        self.clip = table.clip
+        self.model_dtype = model_dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x_t, step_index, noise=None, rng=None, class_labels=None) -> torch.Tensor:
+        t = self.timesteps.index_select(0, step_index.reshape(1)).expand(x_t.shape[0])
+        x_in = x_t.to(dtype=self.model_dtype, memory_format=self.memory_format)
+        eps = self.model(x_in, t) if class_labels is None else self.model(x_in, t, class_labels)
+        x_prev, _ = ops.sampler_step(x_t, eps, step_index, self.coefs, noise=noise, rng=rng, clip_range=self.clip)
+        return x_prev
+
+
+class DiffusersEps(nn.Module):
+    """A diffusers ``UNet2DModel`` as an eps model: ``forward(x, t, class_labels=None) -> eps``."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, class_labels=None):
+        return self.unet(x, t, class_labels=class_labels, return_dict=False)[0]
+
+
+class Sampler:
+    """The accelerated sampler. ``schedule``: a NoiseSchedule (default: linear, T=1000) turned
+    into a table by ``method``/``steps``/``eta`` as :func:`fastdiff.schedule.step_table` does,
+    or a ready StepTable. ``compile``/``cuda_graphs``: True, False or "auto" (compile
+    everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": for
+    half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule | StepTable | None = None,
+        *,
+        method: str = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        compile: bool | str = AUTO,
+        cuda_graphs: bool | str = AUTO,
+        channels_last: bool | str = AUTO,
+        image_shape: tuple[int, int, int] | None = None,
+        autotune: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+        for name, value in (("compile", compile), ("cuda_graphs", cuda_graphs), ("channels_last", channels_last)):
+            if not (isinstance(value, bool) or value == AUTO):
+                raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+        self.device = _resolve_device(device if device is not None else _model_device(model))
+        self.dtype = dtype
+        self.table = _make_table(schedule, method, steps, eta).to(self.device)
+        self.image_shape = tuple(image_shape) if image_shape is not None else _image_shape(model)
+        self.class_conditioned = _class_conditioned(model)
+        self.kernels = backend.kernel_path(self.device)
+        #: seed mode draws z in the step kernel (Triton on a GPU); elsewhere with draw_noise.
+        self.philox_seed_mode = self.kernels == "triton"
+        self.notes: list[str] = []
+
+        on_cuda = self.device.type == "cuda"
+        self._compile_mode, self._graphs_mode, self.autotune = compile, cuda_graphs, autotune
+        self.compiled = compile is True or (compile == AUTO and self.kernels != "triton-interpreter")
+        self.cuda_graphs = on_cuda and cuda_graphs in (True, AUTO)
+        if cuda_graphs is True and not on_cuda:
+            self._note(f"cuda_graphs=True ignored: CUDA graphs need a CUDA device, this sampler runs on {self.device}")
+        self.channels_last = channels_last is True or (channels_last == AUTO and not on_cuda and dtype != torch.float32)
+
+        eps_model = DiffusersEps(model) if _is_diffusers_unet(model) else model
+        fast = accelerate(eps_model)
+        self.report = fast.fastdiff_report
+        fast = _placed(fast, self.device, dtype, self.channels_last).eval()
+        self._eager_step = DenoiseStep(fast, self.table, dtype, self.channels_last)
+        self._step = compile_for(self._eager_step, self.device, autotune) if self.compiled else self._eager_step
+        self._graphs = GraphCache(self._step, self.device) if self.cuda_graphs else None
+        self._ready: set[GraphKey] = set()
+
+    # ------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def sample(self, batch: int | None = None, seed: int = 0, noise: ExternalNoise | None = None,
+               class_labels: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+        """Samples (B, C, H, W) float32 from ``noise`` (external noise mode) or ``batch`` + ``seed``."""
+        x_T, z, rng = self._noise(batch, seed, noise)
+        class_labels = self._labels(class_labels, x_T.shape[0])
+        key = self._key(x_T, class_labels, "given" if rng is None else "philox")
+        with _exact_fp32(self.device, self.dtype):
+            self._prepare(key)
+            if self._graphs is not None:
+                return self._graphs.get(key).run(x_T, self.table.num_steps, z, rng, class_labels)
+            return self._loop(x_T, z, rng, class_labels, progress)
+
+    def warmup(self, batch: int = 1, class_labels: torch.Tensor | None = None, external_noise: bool = False) -> float:
+        """Compile (and on a GPU capture) for ``batch`` ahead of sampling; returns the seconds taken.
+        ``external_noise``: prepare the path ``sample(noise=...)`` takes (on a GPU seed mode differs)."""
+        if self.image_shape is None:
+            raise ValueError("warmup needs the image shape: pass image_shape= to Sampler")
+        start = time.perf_counter()
+        x = torch.zeros((batch, *self.image_shape), device=self.device)
+        class_labels = self._labels(class_labels, batch)
+        philox = self.philox_seed_mode and not external_noise
+        with torch.no_grad(), _exact_fp32(self.device, self.dtype):
+            self._prepare(self._key(x, class_labels, "philox" if philox else "given"))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def describe(self) -> dict:
+        """What runs: path (in words), device, dtype, compiled, cuda_graphs, kernels, and notes."""
+        parts = [f"accelerated model ({_replaced_summary(self.report)}; ops: {self.kernels})"]
+        if self.compiled:
+            autotuned = self.device.type == "cuda" and self.autotune
+            parts.append("torch.compile (inductor, freezing" + (", max-autotune)" if autotuned else ")"))
+        layout = " channels_last" if self.channels_last else ""
+        parts.append(f"model in {_dtype_name(self.dtype)}{layout}, step maths in float32")
+        parts.append("CUDA graph per shape" if self.cuda_graphs else f"eager step loop on {self.device.type}")
+        return {
+            "path": ", ".join(parts),
+            "device": str(self.device),
+            "dtype": _dtype_name(self.dtype),
+            "compiled": self.compiled,
+            "cuda_graphs": self.cuda_graphs,
+            "kernels": self.kernels,
+            "noise": "seed mode: z " + ("drawn in-kernel (Philox)" if self.philox_seed_mode else "from draw_noise"),
+            "notes": list(self.notes),
+        }
+
+    # ------------------------------------------------------------ internals
+
+    def _labels(self, class_labels, batch: int) -> torch.Tensor | None:
+        if class_labels is None and self.class_conditioned:
+            raise ValueError("class_labels is required: this model is class-conditioned")
+        return _check_class_labels(class_labels, batch, self.device)
+
+    def _note(self, message: str) -> None:
+        self.notes.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _noise(self, batch, seed, noise):
+        """(x_T, z or None, rng or None) on the device, x_T and z float32."""
+        if noise is not None:
+            if not isinstance(noise, ExternalNoise):
+                raise TypeError(f"noise must be a fastdiff.sampling.ExternalNoise, got {type(noise).__name__}")
+            if batch is not None and batch != noise.x_T.shape[0]:
+                raise ValueError(f"batch {batch} does not match noise.x_T batch {noise.x_T.shape[0]}")
+            if noise.num_steps != self.table.num_steps:
+                raise ValueError(f"noise has {noise.num_steps} steps of z, the table has {self.table.num_steps} steps")
+            noise = noise.to(device=self.device, dtype=torch.float32)
+            return noise.x_T, noise.z, None
+        if batch is None:
+            raise ValueError("pass batch (with seed) or noise")
+        if self.image_shape is None:
+            raise ValueError("cannot tell the image shape of this model: pass image_shape= to Sampler, or noise=")
+        shape = _check_shape((batch, *self.image_shape))
+        if not self.philox_seed_mode:
+            drawn = draw_noise(self.table, shape, seed, device=self.device)
+            return drawn.x_T, drawn.z, None
+        # x_T is draw_noise's first draw (the reference's x_T); each z comes from in-kernel Philox.
+        x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        rng = torch.tensor([seed, 0], dtype=torch.int64)
+        return x_T.to(self.device), None, rng.to(self.device)
+
+    def _key(self, x_T, class_labels, noise_mode: str) -> GraphKey:
+        return GraphKey(x_T.shape[0], tuple(x_T.shape[1:]), self.dtype, class_labels is not None, noise_mode)
+
+    def _prepare(self, key: GraphKey) -> None:
+        """Compile (first call of the compiled step) and capture for ``key``, once. What was
+        asked for as "auto" steps back when it fails (compile first, then graphs) and says so."""
+        if key in self._ready:
+            return
+        if self._graphs is None and not self.compiled:
+            self._ready.add(key)  # nothing to build ahead for the eager step
+            return
+        try:
+            if self._graphs is not None:
+                self._graphs.get(key)
+            else:
+                x = torch.zeros((key.batch, *key.image_shape), device=self.device)
+                index = torch.zeros((), dtype=torch.int64, device=self.device)
+                labels = index.new_zeros(key.batch) if key.class_conditioned else None
+                noise = torch.zeros_like(x) if key.noise == "given" else None
+                rng = index.new_zeros(2) if key.noise == "philox" else None
+                self._step(x, index, noise, rng, labels)
+        except Exception as e:  # any compiler or capture failure; re-raised unless "auto"
+            failure = f"{type(e).__name__}: {e}"
+            if self.compiled and self._compile_mode == AUTO:
+                self._note(f"torch.compile failed ({failure}); running the accelerated model eagerly")
+                self.compiled, self._step = False, self._eager_step
+            elif self._graphs is not None and self._graphs_mode == AUTO:
+                self._note(f"CUDA graph capture failed ({failure}); running the step loop without graphs")
+                self.cuda_graphs = False
+            else:
+                raise
+            self._graphs = GraphCache(self._step, self.device) if self.cuda_graphs else None
+            self._ready.clear()
+            return self._prepare(key)
+        self._ready.add(key)
+
+    def _loop(self, x, z, rng, class_labels, progress: bool) -> torch.Tensor:
+        steps = range(self.table.num_steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"{self.table.method} sampling", unit="step")
+        step_index = torch.zeros((), dtype=torch.int64, device=self.device)
+        for i in steps:
+            step_index.fill_(i)
+            x = self._step(x, step_index, None if z is None else z[i], rng, class_labels)
+        return x
+
+
+def _make_table(schedule, method: str, steps, eta) -> StepTable:
+    if isinstance(schedule, StepTable):
+        if (method, steps, eta) != ("ddpm", None, 0.0):
+            raise ValueError("pass method/steps/eta or a ready StepTable as schedule, not both")
+        return schedule
+    if schedule is None:
+        schedule = linear_schedule()
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, a StepTable or None, got {type(schedule).__name__}")
+    return step_table(schedule, method, steps=steps, eta=eta)
+
+
+def _resolve_device(device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so it compares equal to the devices tensors report."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _is_diffusers_unet(model) -> bool:
+    return type(model).__name__ == "UNet2DModel" and type(model).__module__.startswith("diffusers")
+
+
+def _image_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if _is_diffusers_unet(model):
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return config.in_channels, height, width
+    if hasattr(config, "image_size") and hasattr(config, "in_channels"):
+        return config.in_channels, config.image_size, config.image_size
+    return None
+
+
+def _placed(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """``model`` on ``device`` in ``dtype`` (and channels_last). It shares the caller's weights
+    when they already fit; otherwise the weights are converted in a copy, so the caller's model
+    is never changed."""
+    tensors = [*model.parameters(), *model.buffers()]
+    fits = all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors)
+    if fits and not channels_last:
+        return model
+    converted = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return converted.to(memory_format=torch.channels_last) if channels_last else converted
+
+
+def _class_conditioned(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "num_classes", None) or getattr(config, "num_class_embeds", None))
+
+
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device, dtype: torch.dtype):
+    """float32 is the exact mode: on CUDA, keep convolutions and matmuls out of TF32 (cuDNN
+    allows it by default) while this sampler compiles, captures and runs; restore after."""
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(matmul_precision)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _replaced_summary(report) -> str:
+    counts = [f"{n} {kind}" for kind, n in report.counts.items() if n]
+    return ", ".join(counts) if counts else "nothing replaced"
