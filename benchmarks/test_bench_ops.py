@@ -1,0 +1,166 @@
+"""Kernel microbenchmarks: each fastdiff op vs its eager reference and its torch.compile'd
+reference, at the Ho CIFAR-10 UNet's shapes, reported as GB/s (norm, step, q-sample) or
+TFLOP/s (attention) in each benchmark's ``extra_info``.
+
+    pytest benchmarks/ --benchmark-columns=median,iqr --benchmark-sort=name
+
+On a GPU the fastdiff ops run their Triton kernels and are timed with
+``triton.testing.do_bench`` (CUDA events, cache flushed between calls); the pytest-benchmark
+row beside it times synchronized host calls. On a CPU no Triton kernel runs: fastdiff's ops
+dispatch to the eager reference there, so the "fastdiff" row measures that dispatch, and
+``extra_info["timed"]`` says so. CPU batch sizes are small so the file runs in about 1-2 minutes.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+from fastdiff import ops, reference
+from fastdiff.backend import kernel_path
+from fastdiff.schedule import linear_schedule, step_table
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+IMPLS = ("fastdiff", "eager", "compiled")
+DTYPES = (torch.float32, torch.bfloat16) if ON_GPU else (torch.float32,)
+
+# Batch sizes: a serving-size batch on a GPU, moderate on a CPU (the file must stay ~1-2 min).
+NORM_BATCH, ATTN_BATCH, STEP_BATCH = (64, 64, 256) if ON_GPU else (4, 2, 32)
+
+# (channels, height, width) of the Ho UNet's GroupNorms: stem level, 16x16 level, up-path concat.
+NORM_SHAPES = {"C128@32x32": (128, 32, 32), "C256@16x16": (256, 16, 16), "C384@16x16": (384, 16, 16)}
+# (heads, positions, head dim): attention at 16x16 (N=256) and in the 4x4 mid block, one head of 256.
+ATTN_SHAPES = {"16x16-N256-D256": (1, 256, 256), "mid-4x4-N16-D256": (1, 16, 256)}
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _randn(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen()).to(DEVICE, dtype)
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes moved: every distinct tensor read or written, counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _implementation(impl: str, op_name: str):
+    if impl == "fastdiff":
+        return getattr(ops, op_name)
+    if impl == "eager":
+        return getattr(reference, op_name)
+    return _compiled(getattr(reference, op_name))
+
+
+def _timed_what(impl: str) -> str:
+    if impl == "fastdiff":
+        path = kernel_path(DEVICE)
+        return "Triton kernel" if path == "triton" else f"fastdiff op dispatching to the eager reference ({path} path)"
+    return {"eager": "eager PyTorch reference", "compiled": "torch.compile(reference), inductor default mode"}[impl]
+
+
+def _measure(benchmark, fn, *, bytes_moved: int | None = None, flops: int | None = None) -> None:
+    """Time ``fn`` and put GB/s or TFLOP/s (median) in the benchmark's extra_info."""
+    fn()  # first call compiles / autotunes: never timed
+    if ON_GPU:
+        import triton.testing
+
+        median_ms, p20_ms, p80_ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        benchmark.extra_info.update(timer="triton.testing.do_bench", median_ms=median_ms, p20_ms=p20_ms, p80_ms=p80_ms)
+
+        def synced():
+            fn()
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(synced, rounds=20, warmup_rounds=2)
+        seconds = median_ms / 1000
+    else:
+        benchmark.pedantic(fn, rounds=15, warmup_rounds=1)
+        stats = getattr(benchmark, "stats", None)
+        if stats is None:  # --benchmark-disable: ran once, nothing measured
+            return
+        seconds = stats.stats.median
+        benchmark.extra_info.update(timer="pytest-benchmark (host clock)", median_ms=seconds * 1000)
+    if bytes_moved is not None:
+        benchmark.extra_info["GB/s"] = bytes_moved / seconds / 1e9
+    if flops is not None:
+        benchmark.extra_info["TFLOP/s"] = flops / seconds / 1e12
+
+
+def _label(benchmark, impl: str, dtype: torch.dtype, shape) -> None:
+    benchmark.extra_info.update(device=str(DEVICE), timed=_timed_what(impl), dtype=str(dtype).removeprefix("torch."),
+                                shape=list(shape), torch_threads=torch.get_num_threads(),
+                                loadavg_1m=os.getloadavg()[0])  # shared machines: read figures with the load
+    if ON_GPU:
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", NORM_SHAPES.values(), ids=NORM_SHAPES.keys())
+def test_group_norm_silu(benchmark, impl, dtype, shape):
+    benchmark.group = f"group_norm_silu {shape}"
+    x = _randn(NORM_BATCH, *shape, dtype=dtype)
+    weight, bias = _randn(shape[0], dtype=dtype), _randn(shape[0], dtype=dtype)
+    fn = _implementation(impl, "group_norm_silu")
+    out = fn(x, weight, bias, 32, 1e-6, True)
+    _label(benchmark, impl, dtype, x.shape)
+    _measure(benchmark, lambda: fn(x, weight, bias, 32, 1e-6, True), bytes_moved=_unique_bytes([x, weight, bias, out]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES.values(), ids=ATTN_SHAPES.keys())
+def test_attention(benchmark, impl, dtype, shape):
+    heads, n, d = shape
+    benchmark.group = f"attention N={n} D={d}"
+    q, k, v = (_randn(ATTN_BATCH, heads, n, d, dtype=dtype) * (i + 1) for i in range(3))
+    fn = _implementation(impl, "attention")
+    scale = 1.0 / math.sqrt(d)
+    _label(benchmark, impl, dtype, q.shape)
+    _measure(benchmark, lambda: fn(q, k, v, scale), flops=4 * ATTN_BATCH * heads * n * n * d)
+
+
+@pytest.fixture(scope="module")
+def ddpm_coefs():
+    return step_table(linear_schedule(), "ddpm", steps=100).coefs.to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sampler_step(benchmark, impl, ddpm_coefs):
+    benchmark.group = "sampler_step (B,3,32,32), noise given"
+    x_t, eps, noise = (_randn(STEP_BATCH, 3, 32, 32) + i for i in range(3))
+    step_index = torch.tensor(10, dtype=torch.int64, device=DEVICE)
+    fn = _implementation(impl, "sampler_step")
+    x_prev, x0 = fn(x_t, eps, step_index, ddpm_coefs, noise=noise, clip_range=1.0)
+    _label(benchmark, impl, torch.float32, x_t.shape)
+    _measure(benchmark, lambda: fn(x_t, eps, step_index, ddpm_coefs, noise=noise, clip_range=1.0),
+             bytes_moved=_unique_bytes([x_t, eps, noise, x_prev, x0]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_q_sample(benchmark, impl):
+    benchmark.group = "q_sample (B,3,32,32), noise given"
+    x0, noise = _randn(STEP_BATCH, 3, 32, 32), _randn(STEP_BATCH, 3, 32, 32) + 1
+    t = torch.randint(0, 1000, (STEP_BATCH,), generator=_gen()).to(DEVICE)
+    coefs = linear_schedule().q_sample_table(DEVICE)
+    fn = _implementation(impl, "q_sample")
+    x_t, eps = fn(x0, t, coefs, noise=noise)
+    _label(benchmark, impl, torch.float32, x0.shape)
+    _measure(benchmark, lambda: fn(x0, t, coefs, noise=noise), bytes_moved=_unique_bytes([x0, t, noise, x_t, eps]))

@@ -1,0 +1,156 @@
+"""The execution paths the bench compares, each built lazily so a missing piece skips one path.
+
+Every path maps the run's :class:`~fastdiff.sampling.ExternalNoise` (and class labels) to
+images in [0, 1] -- the form diffusers' pipelines return -- so all paths are compared on the
+same noise and the same scale.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+PATHS = ("reference", "compile", "fastdiff", "diffusers")
+
+
+class PathSkipped(Exception):
+    """A path cannot run here; the message is the reason shown in the report."""
+
+
+@dataclass
+class BenchContext:
+    """What every path is built from: the fp32 reference model and the sampling setup."""
+
+    model: nn.Module  # fp32, eval mode, on ``device``
+    schedule: object  # fastdiff.schedule.NoiseSchedule
+    table: object  # fastdiff.schedule.StepTable for (method, steps)
+    device: torch.device
+    dtype: torch.dtype  # precision of the non-reference paths
+
+
+@dataclass
+class BenchPath:
+    name: str
+    label: str
+    dtype: torch.dtype
+    run: Callable  # (noise: ExternalNoise, class_labels: Tensor | None) -> images in [0, 1], fp32
+    info: dict = field(default_factory=dict)
+    describe: Callable[[], dict] | None = None  # extra facts known only after a run
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model space -> [0, 1] images, as diffusers' pipelines return them."""
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def build_path(name: str, ctx: BenchContext) -> BenchPath:
+    builders = {"reference": _reference, "compile": _compiled, "fastdiff": _fastdiff, "diffusers": _diffusers}
+    return builders[name](ctx)
+
+
+def _reference(ctx: BenchContext) -> BenchPath:
+    from fastdiff.sampling import sample_reference
+
+    def run(noise, class_labels):
+        x = sample_reference(ctx.model, ctx.table, noise=noise, class_labels=class_labels, device=ctx.device)
+        return to_unit(x)
+
+    return BenchPath("reference", "reference (eager fp32)", torch.float32, run,
+                     {"loop": "fastdiff.sampling.sample_reference", "model": "fastdiff UNet, eager"})
+
+
+class _CastIO(nn.Module):
+    """Runs ``net`` in its own dtype inside the fp32 sampling loop (the step math stays fp32)."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x, t, *class_labels):
+        return self.net(x.to(self.dtype), t, *class_labels).float()
+
+
+def _compiled(ctx: BenchContext) -> BenchPath:
+    from fastdiff.sampling import sample_reference
+
+    mode = "max-autotune" if ctx.device.type == "cuda" else None  # CPU: inductor's default mode
+    net = ctx.model if ctx.dtype == torch.float32 else copy.deepcopy(ctx.model).to(ctx.dtype)
+    # eval() up front: the sampling loop would otherwise flip the shared model back to train mode after each call
+    model = _CastIO(torch.compile(net, mode=mode, dynamic=False), ctx.dtype).eval()
+
+    def run(noise, class_labels):
+        return to_unit(sample_reference(model, ctx.table, noise=noise, class_labels=class_labels, device=ctx.device))
+
+    dtype_name = str(ctx.dtype).removeprefix("torch.")
+    return BenchPath("compile", f"torch.compile ({mode or 'default'}, {dtype_name})", ctx.dtype, run,
+                     {"loop": "fastdiff.sampling.sample_reference", "torch_compile_mode": mode or "default",
+                      "dynamic": False, "inductor_freezing": bool(torch._inductor.config.freezing)})
+
+
+def _fastdiff(ctx: BenchContext) -> BenchPath:
+    try:
+        from fastdiff.sampler import Sampler
+    except ImportError as e:
+        raise PathSkipped(f"fastdiff.sampler is not available ({e})") from None
+
+    # The run's own StepTable, so the sampler computes exactly the reference's update; the model is
+    # copied because acceleration may swap its modules in place.
+    sampler = Sampler(copy.deepcopy(ctx.model), ctx.table, dtype=ctx.dtype, device=ctx.device)
+
+    def run(noise, class_labels):
+        return to_unit(sampler.sample(noise=noise, class_labels=class_labels))
+
+    return BenchPath("fastdiff", "fastdiff Sampler", ctx.dtype, run, {"sampler": sampler.describe()},
+                     describe=sampler.describe)
+
+
+def fastdiff_label(described: dict) -> str:
+    """Short table label from ``Sampler.describe()``; the full sentence goes in the JSON."""
+    parts = ["compiled" if described.get("compiled") else "eager", f"ops: {described.get('kernels', '?')}"]
+    if described.get("cuda_graphs"):
+        parts.append("CUDA graphs")
+    parts.append(str(described.get("dtype", "")))
+    return f"fastdiff Sampler ({', '.join(parts)})"
+
+
+def _diffusers(ctx: BenchContext) -> BenchPath:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; nothing may download
+    try:
+        import diffusers
+    except ImportError as e:
+        raise PathSkipped(f"diffusers is not installed ({e})") from None
+    from fastdiff.bench.diffusers_peer import (
+        ConversionError,
+        conversion_error,
+        injected_class_labels,
+        make_pipeline,
+        replayed_noise,
+        to_unet2d,
+    )
+
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        unet2d = to_unet2d(ctx.model)
+    except ConversionError as e:
+        raise PathSkipped(f"cannot express this UNet as a UNet2DModel: {e}") from None
+    max_diff = conversion_error(ctx.model, unet2d)
+    if ctx.dtype != torch.float32:
+        unet2d = unet2d.to(ctx.dtype)
+    pipe = make_pipeline(unet2d, ctx.table, ctx.schedule)
+    call = dict(num_inference_steps=ctx.table.num_steps, output_type="pt", return_dict=False)
+    if ctx.table.method == "ddim":
+        call["eta"] = 0.0
+
+    def run(noise, class_labels):
+        with replayed_noise(noise), injected_class_labels(unet2d, class_labels):
+            return pipe(batch_size=noise.x_T.shape[0], **call)[0].float()
+
+    name = type(pipe).__name__
+    labels_note = ", class labels by a forward pre-hook" if ctx.model.config.num_classes else ""
+    return BenchPath("diffusers", f"diffusers {name} (converted weights{labels_note})", ctx.dtype, run,
+                     {"pipeline": name, "diffusers": diffusers.__version__,
+                      "conversion_max_abs_eps_diff": max_diff, "scheduler": type(pipe.scheduler).__name__})

@@ -1,0 +1,88 @@
+"""Benchmark sampling: reference, torch.compile, fastdiff and diffusers on the same model and noise."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+from pathlib import Path
+
+from fastdiff.commands import UsageError
+
+PATH_NAMES = ("reference", "compile", "fastdiff", "diffusers")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="FOLDER", help="model folder (default: the built-in model)")
+    source.add_argument("--config", choices=("cifar10", "tiny"), help="a random-init model of this preset instead")
+    parser.add_argument("--batch", metavar="N", nargs="+", type=_int_list,
+                        help="batch sizes, e.g. --batch 1 4 16 (default: 1 8 on CPU, 1 16 64 on GPU)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: 10 on CPU, 50 on GPU)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: %(default)s")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="precision of the compile/fastdiff/diffusers paths; the reference is always "
+                             "float32 (default: %(default)s)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--paths", default=",".join(PATH_NAMES),
+                        help="comma-separated paths to compare (default: %(default)s)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls per path and batch after warm-up (default: 7 CPU, 10 GPU)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed shared by all paths (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"),
+                        help="folder for JSON + PNG (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny random model, 2 steps, batch 2, 2 repeats (< 60 s on a CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress display")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdiff.bench.harness import BenchSettings
+
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    batches = tuple(b for group in args.batch for b in group) if args.batch else None
+    settings = BenchSettings(model=args.model, config=args.config, batches=batches, steps=args.steps,
+                             sampler=args.sampler, dtype=args.dtype, device=args.device, paths=paths,
+                             repeats=args.repeats, seed=args.seed, quick=args.quick, threads=args.threads)
+    try:
+        settings = settings.resolved()
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    if args.model is not None:
+        from fastdiff.io import read_model_info
+
+        try:
+            read_model_info(args.model)  # a bad folder is a usage error before any work
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--model: {e}") from None
+
+    from fastdiff.bench import environment, report
+    from fastdiff.bench.harness import run_bench
+
+    result = run_bench(settings, progress=not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = _result_stem(args.out, environment.device_slug(settings.device), settings.quick)
+    json_path = report.write_json(result, args.out / f"{stem}.json")
+    png_path = report.plot_png(result, args.out / f"{stem}.png")
+    print(report.render(result))
+    print(f"\nwrote: {json_path} and {png_path}")
+    return 0
+
+
+def _result_stem(folder: Path, device_slug: str, quick: bool) -> str:
+    """"<date>_<device>[_quick]", with the time added when that name is taken."""
+    now = datetime.datetime.now()
+    stem = f"{now:%Y-%m-%d}_{device_slug}" + ("_quick" if quick else "")
+    if (folder / f"{stem}.json").exists():
+        stem += f"_{now:%H%M%S}"
+    return stem
+
+
+def _int_list(text: str) -> list[int]:
+    """"4" or "1,4,16" -> integers (range checks happen with the other settings, before any work)."""
+    try:
+        return [int(part) for part in re.split(r"[,\s]+", text.strip()) if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
