@@ -1,0 +1,126 @@
+"""Train a DDPM (Algorithm 1, L_simple) on sklearn's digits or a folder of PNGs; resumable."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from fastdiff.commands import UsageError, resolve_device
+
+#: The shipped digits model: ~1.1M parameters, 16x16 grayscale.
+DIGITS_MODEL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8, dropout=0.0)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (sklearn's bundled digits, 16x16) or a folder of PNG images (default: %(default)s)")
+    parser.add_argument("--steps", type=_positive_int, default=3000, help="total optimisation steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="default: %(default)s")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--lr-warmup", type=int, default=200, help="linear warm-up steps (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="default: %(default)s")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: %(default)s)")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="init, batch, timestep and noise seed (default: %(default)s)")
+    model = parser.add_argument_group("model (default: the shipped digits model)")
+    model.add_argument("--ch", type=_positive_int, default=DIGITS_MODEL["ch"])
+    model.add_argument("--ch-mult", type=_int_list, default=DIGITS_MODEL["ch_mult"], help="e.g. 1,2,2")
+    model.add_argument("--num-res-blocks", type=_positive_int, default=DIGITS_MODEL["num_res_blocks"])
+    model.add_argument("--attn-resolutions", type=_int_list, default=DIGITS_MODEL["attn_resolutions"],
+                       help="feature-map sizes with self-attention, e.g. 8 (empty string: none)")
+    model.add_argument("--num-groups", type=_positive_int, default=DIGITS_MODEL["num_groups"])
+    model.add_argument("--dropout", type=float, default=DIGITS_MODEL["dropout"])
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("out/train"),
+                        help="where checkpoint.safetensors is written (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's checkpoint")
+    parser.add_argument("--export", type=Path, metavar="FOLDER",
+                        help="at the end, save the EMA weights as a model folder (config.json + model.safetensors)")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--log-file", type=Path, help="append one line per log window to this file")
+    parser.add_argument("--log-every", type=_positive_int, default=50, help="steps per log line (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    import torch
+
+    from fastdiff.data import load_training_images
+    from fastdiff.train import CHECKPOINT_FILE, TrainConfig, Trainer
+    from fastdiff.unet import UNetConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        data = load_training_images(args.data)
+        model_config = UNetConfig(
+            image_size=data.shape[-1], in_channels=data.shape[1], out_channels=data.shape[1], ch=args.ch,
+            ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks, attn_resolutions=args.attn_resolutions,
+            num_groups=args.num_groups, dropout=args.dropout,
+        )
+        train_config = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup_steps=args.lr_warmup,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
+        )
+        if data.shape[-1] != data.shape[-2]:
+            raise ValueError(f"images must be square, got {data.shape[-2]}x{data.shape[-1]} (height x width)")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    trainer = Trainer(model_config, train_config, data, device=device, compile=args.compile)
+    checkpoint = args.checkpoint_dir / CHECKPOINT_FILE
+    if args.resume:
+        if not checkpoint.is_file():
+            raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+        try:
+            trainer.load_checkpoint(checkpoint)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    elif checkpoint.exists():
+        raise UsageError(f"{checkpoint} exists: pass --resume to continue it, or another --checkpoint-dir")
+
+    params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"data:  {args.data}: {data.shape[0]} images of {tuple(data.shape[1:])}")
+    print(f"model: {params:,} parameters; training steps {trainer.step} -> {train_config.steps}, "
+          f"batch {train_config.batch_size}, on {device}" + (" (compiled)" if args.compile else ""))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=train_config.steps, initial=trainer.step, disable=args.no_progress, unit="step")
+    start = time.perf_counter()
+
+    def on_log(step: int, loss: float, images_per_s: float) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+        if args.log_file is not None:
+            with open(args.log_file, "a") as f:
+                f.write(f"step {step} loss {loss:.5f} images/s {images_per_s:.1f} "
+                        f"elapsed_s {time.perf_counter() - start:.0f}\n")
+
+    loss = trainer.train(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                         on_log=on_log, log_every=args.log_every)
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary = "no steps left to run" if loss is None else f"last loss {loss:.4f}, {seconds:.0f} s this run"
+    print(f"done:  step {trainer.step}, {summary}; checkpoint {checkpoint}")
+    if args.export is not None:
+        folder = trainer.export(args.export, extra={"data": str(args.data)})
+        print(f"wrote: EMA model to {folder}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

@@ -1,0 +1,287 @@
+"""DDPM training (Ho et al. 2020, Algorithm 1, L_simple) with resumable, atomic checkpoints.
+
+One step: draw a batch and uniform timesteps from a seeded ``torch.Generator``, let the fused
+q-sample op produce x_t and the noise (Philox keyed by the step number, so no noise tensor is
+drawn on the host), regress eps with MSE, clip the gradient norm, AdamW, then update an EMA of
+the weights.
+
+A checkpoint is one safetensors file holding the raw and EMA weights, the optimizer state and
+every random-number state, with the configs and step in its metadata; it is replaced
+atomically, so a kill mid-write leaves the previous one. Resuming restores all of it, and on
+CPU the resumed run's weights equal the uninterrupted run's bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff.schedule import make_schedule
+from fastdiff.unet import UNet, UNetConfig
+
+CHECKPOINT_FORMAT = "fastdiff-train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes the optimisation; a resumed run must use the same values
+    (``steps``, the total to train to, may grow)."""
+
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 5e-4
+    lr_warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "num_timesteps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be an integer >= 0, got {self.lr_warmup_steps!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        make_schedule(self.schedule, self.num_timesteps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**d)
+
+
+class Trainer:
+    """The model, its EMA, the optimizer and the step counter, over a fixed image tensor.
+
+    ``data``: (N, C, H, W) in [-1, 1], matching the model's channels and image size.
+    ``compile``: run the model's forward through ``torch.compile``.
+    """
+
+    def __init__(self, model_config: UNetConfig, train_config: TrainConfig, data: torch.Tensor,
+                 device="cpu", compile: bool = False):
+        _check_data(data, model_config)
+        self.model_config, self.config = model_config, train_config
+        self.device = torch.device(device)
+        self.data = data.to(self.device, torch.float32)
+        # Seeds torch's global generator too: it draws the initial weights and dropout masks.
+        torch.manual_seed(train_config.seed)
+        self.model = UNet(model_config).to(self.device).train()
+        self.ema = UNet(model_config).to(self.device).eval().requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
+        )
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.q_table = make_schedule(train_config.schedule, train_config.num_timesteps).q_sample_table(self.device)
+        # Batches and timesteps come from this generator, q-sample noise from Philox keyed by
+        # (seed, step), dropout from the global generator: all three resume from a checkpoint.
+        self.generator = torch.Generator(device="cpu").manual_seed(train_config.seed)
+        self.step = 0
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up over ``lr_warmup_steps``, then constant (as Ho et al.)."""
+        warmup = self.config.lr_warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+
+    def ema_decay(self, step: int) -> float:
+        """EMA decay warmed up as (1 + step) / (10 + step), so early averages are not stuck at init."""
+        return min(self.config.ema_decay, (1.0 + step) / (10.0 + step))
+
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the (detached) loss without synchronising."""
+        from fastdiff.ops import q_sample
+
+        cfg = self.config
+        index = torch.randint(self.data.shape[0], (cfg.batch_size,), generator=self.generator)
+        t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=self.generator)
+        x0, t = self.data[index.to(self.device)], t.to(self.device)
+        rng = torch.tensor([cfg.seed, self.step], dtype=torch.int64, device=self.device)
+        x_t, eps = q_sample(x0, t, self.q_table, rng=rng)
+
+        loss = F.mse_loss(self.forward(x_t, t), eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        self.optimizer.step()
+        self._update_ema(self.ema_decay(self.step))
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float) -> None:
+        ema_params, params = list(self.ema.parameters()), list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+    def train(self, until: int | None = None, checkpoint_dir=None, checkpoint_every: int = 0,
+              on_log: Callable[[int, float, float], None] | None = None, log_every: int = 50) -> float | None:
+        """Train until step ``until`` (default ``config.steps``); returns the mean loss of the last
+        log window (None if no step ran). ``on_log(step, loss, images_per_s)`` every ``log_every``
+        steps; a checkpoint every ``checkpoint_every`` steps and at the end when
+        ``checkpoint_dir`` is given."""
+        until = self.config.steps if until is None else until
+        window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        last_loss = None
+        while self.step < until:
+            window_loss += self.train_step()
+            window_steps += 1
+            if window_steps == log_every or self.step == until:
+                last_loss = (window_loss / window_steps).item()
+                rate = window_steps * self.config.batch_size / (time.perf_counter() - window_start)
+                if on_log is not None:
+                    on_log(self.step, last_loss, rate)
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if checkpoint_dir is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_dir)
+        if checkpoint_dir is not None:
+            self.save_checkpoint(checkpoint_dir)
+        return last_loss
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, folder) -> Path:
+        """Write ``folder/checkpoint.safetensors`` atomically (the previous one survives a crash)."""
+        from safetensors.torch import save_file
+
+        from fastdiff.io import atomic_write
+
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        optimizer_state = self.optimizer.state_dict()
+        for index, state in optimizer_state["state"].items():
+            tensors.update({f"optimizer.{index}.{key}": value for key, value in state.items()})
+        tensors["rng.batches"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "version": str(CHECKPOINT_VERSION),
+            "step": str(self.step),
+            "model_config": json.dumps(self.model_config.to_dict()),
+            "train_config": json.dumps(self.config.to_dict()),
+            "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
+            "data_shape": json.dumps(list(self.data.shape)),
+        }
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return atomic_write(folder / CHECKPOINT_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def load_checkpoint(self, path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote. ``path``: the file or its folder.
+
+        A checkpoint of another model config, training config (except ``steps``) or data shape
+        raises ValueError naming the differences.
+        """
+        tensors, metadata = read_checkpoint(path)
+        path = checkpoint_path(path)
+        _check_same(path, "model config", json.loads(metadata["model_config"]), self.model_config.to_dict())
+        saved_train = json.loads(metadata["train_config"])
+        saved_train["steps"] = self.config.steps
+        _check_same(path, "training config", saved_train, self.config.to_dict())
+        _check_same(path, "data shape", {"shape": json.loads(metadata["data_shape"])}, {"shape": list(self.data.shape)})
+
+        self.model.load_state_dict(_strip(tensors, "model."))
+        self.ema.load_state_dict(_strip(tensors, "ema."))
+        state: dict[int, dict] = {}
+        for name, value in _strip(tensors, "optimizer.").items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_param_groups"])})
+        self.generator.set_state(tensors["rng.batches"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(metadata["step"])
+
+    def export(self, folder, extra: dict | None = None) -> Path:
+        """Save the EMA weights as a model folder (:func:`fastdiff.io.save_model`)."""
+        from fastdiff.io import save_model
+
+        info = {"trained_steps": self.step, "train_config": self.config.to_dict(), **(extra or {})}
+        return save_model(self.ema, folder, extra=info, schedule=self.config.schedule,
+                          num_timesteps=self.config.num_timesteps)
+
+
+def checkpoint_path(path) -> Path:
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
+
+
+def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a training checkpoint; ValueError if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("version") != str(CHECKPOINT_VERSION):
+        raise ValueError(
+            f"{path}: not a fastdiff training checkpoint (format {metadata.get('format')!r}, "
+            f"version {metadata.get('version')!r})"
+        )
+    return tensors, metadata
+
+
+def checkpoint_configs(path) -> tuple[UNetConfig, TrainConfig, int]:
+    """The (model config, training config, step) a checkpoint was written with."""
+    _, metadata = read_checkpoint(path)
+    return (UNetConfig.from_dict(json.loads(metadata["model_config"])),
+            TrainConfig.from_dict(json.loads(metadata["train_config"])), int(metadata["step"]))
+
+
+def _check_data(data: torch.Tensor, config: UNetConfig) -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() != 4 or not data.is_floating_point():
+        raise ValueError("data must be a floating-point tensor of shape (N, C, H, W)")
+    if data.shape[0] == 0:
+        raise ValueError("data holds no images")
+    want = (config.in_channels, config.image_size, config.image_size)
+    if tuple(data.shape[1:]) != want:
+        raise ValueError(
+            f"data images are {tuple(data.shape[1:])} (C, H, W) but the model expects {want}: "
+            f"set the model's in_channels/image_size to match the data"
+        )
+
+
+def _check_same(path: Path, what: str, saved: dict, current: dict) -> None:
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ValueError(f"{path}: checkpoint was written with another {what}: " + "; ".join(differences))
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+__all__ = ["TrainConfig", "Trainer", "read_checkpoint", "checkpoint_configs", "CHECKPOINT_FILE"]
