@@ -46,16 +46,24 @@ class ModelInfo:
     description: str = ""
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path, write_fn: Callable[[Path], object]) -> Path:
     """Call ``write_fn(tmp_path)`` to write a temp file beside ``path``, then rename it over ``path``.
 
     The temp name keeps ``path``'s suffix (numpy and PIL pick the format from it). On error the
-    temp file is removed and ``path`` is left as it was.
+    temp file is removed and ``path`` is left as it was. The file gets the usual permissions
+    (0o666 less the umask) whatever the writer chose: safetensors writes 0o600.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
     try:
         write_fn(tmp)
+        os.chmod(tmp, _default_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -29,3 +29,11 @@ def interpreted():
 
     with interpreted_kernels():
         yield
+
+
+@pytest.fixture(params=["reference", "interpreted"])
+def route(request):
+    """Runs an op test on the eager-reference route and on the interpreted-kernel route."""
+    if request.param == "interpreted":
+        request.getfixturevalue("interpreted")
+    return request.param

@@ -1,6 +1,7 @@
 """One tolerance table and one verbose comparison helper for every test."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 #: (rtol, atol) per dtype for elementwise ops (torch.testing's defaults, stated explicitly).
@@ -10,6 +11,13 @@ TOLERANCES = {
     torch.float16: (1e-3, 1e-3),
     torch.bfloat16: (1.6e-2, 1e-2),
 }
+
+#: The three kernel dtypes as labelled parameters.
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
 
 #: Absolute floor added to the FlashAttention 2x rule, so exact-zero reference errors pass.
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -43,3 +51,17 @@ def ks_statistic_normal(z: torch.Tensor) -> float:
     above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf
     below = cdf - torch.arange(n, dtype=torch.float64) / n
     return max(above.max().item(), below.max().item())
+
+
+def count_launches(monkeypatch, kernel_module, launcher_name: str) -> list:
+    """Spy on a kernel launcher (ops import it at call time): returns the list of the first
+    argument's shapes, one entry per launch."""
+    calls = []
+    launch = getattr(kernel_module, launcher_name)
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, launcher_name, spy)
+    return calls

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -188,6 +189,14 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path):
     assert target.read_text() == "new"
     assert seen[0].parent == tmp_path and seen[0].suffix == ".txt" and seen[0] != target
     assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+def test_saved_files_get_the_usual_permissions(saved):
+    # safetensors writes 0o600: a shipped or shared model folder must stay readable by others.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (saved / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 # ---------------------------------------------------------------- images

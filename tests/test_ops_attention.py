@@ -2,7 +2,7 @@
 torch.compile integration. Kernel accuracy lives in tests/kernels/test_attention.py."""
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, count_launches
 
 import fastdiff.kernels.attention as attention_kernel
 from fastdiff import reference
@@ -17,26 +17,9 @@ def make_qkv(shape=SHAPE, n_kv=None, dtype=torch.float32, seed=0):
     return [torch.randn(s, generator=g).to(dtype) for s in (shape, kv_shape, kv_shape)]
 
 
-@pytest.fixture(params=["reference", "interpreted"])
-def route(request):
-    """Each op test runs on the eager-reference route and on the interpreted-kernel route."""
-    if request.param == "interpreted":
-        request.getfixturevalue("interpreted")
-    return request.param
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches (the op imports the launcher at call time)."""
-    calls = []
-    launch = attention_kernel.attention
-
-    def spy(q, *args, **kwargs):
-        calls.append(q.shape)
-        return launch(q, *args, **kwargs)
-
-    monkeypatch.setattr(attention_kernel, "attention", spy)
-    return calls
+    return count_launches(monkeypatch, attention_kernel, "attention")
 
 
 @pytest.mark.parametrize(

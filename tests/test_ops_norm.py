@@ -2,7 +2,7 @@
 torch.library and torch.compile integration. Kernel accuracy lives in tests/kernels/test_group_norm.py."""
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, count_launches
 
 import fastdiff.kernels.group_norm as gn_kernel
 from fastdiff import reference
@@ -20,26 +20,9 @@ def make_inputs(shape=SHAPE, dtype=torch.float32, seed=0):
     return x, weight, bias
 
 
-@pytest.fixture(params=["reference", "interpreted"])
-def route(request):
-    """Each op test runs on the eager-reference route and on the interpreted-kernel route."""
-    if request.param == "interpreted":
-        request.getfixturevalue("interpreted")
-    return request.param
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches (the op imports the launcher at call time)."""
-    calls = []
-    launch = gn_kernel.group_norm_silu
-
-    def spy(x, *args, **kwargs):
-        calls.append(x.shape)
-        return launch(x, *args, **kwargs)
-
-    monkeypatch.setattr(gn_kernel, "group_norm_silu", spy)
-    return calls
+    return count_launches(monkeypatch, gn_kernel, "group_norm_silu")
 
 
 @pytest.mark.parametrize("affine", ["both", "none", "weight"])

@@ -2,7 +2,7 @@
 torch.compile integration, and equivalence with diffusers' ``DDPMScheduler.add_noise``."""
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, count_launches
 
 import fastdiff.kernels.q_sample as q_sample_kernel
 from fastdiff import reference
@@ -21,26 +21,9 @@ def make_inputs(shape=SHAPE, dtype=torch.float32, seed=0):
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(2)]  # x0, noise
 
 
-@pytest.fixture(params=["reference", "interpreted"])
-def route(request):
-    """Each op test runs on the eager-reference route and on the interpreted-kernel route."""
-    if request.param == "interpreted":
-        request.getfixturevalue("interpreted")
-    return request.param
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches (the op imports the launcher at call time)."""
-    calls = []
-    launch = q_sample_kernel.q_sample
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(q_sample_kernel, "q_sample", spy)
-    return calls
+    return count_launches(monkeypatch, q_sample_kernel, "q_sample")
 
 
 NOISE_ARGS = {

@@ -2,7 +2,7 @@
 torch.compile integration, equivalence with diffusers' schedulers, and CUDA graph replay."""
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, count_launches
 
 import fastdiff.kernels.sampler_step as step_kernel
 from fastdiff import reference
@@ -19,26 +19,9 @@ def make_inputs(shape=SHAPE, dtype=torch.float32, seed=0):
     return [(2 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]  # x_t, eps, noise
 
 
-@pytest.fixture(params=["reference", "interpreted"])
-def route(request):
-    """Each op test runs on the eager-reference route and on the interpreted-kernel route."""
-    if request.param == "interpreted":
-        request.getfixturevalue("interpreted")
-    return request.param
-
-
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts kernel launches (the op imports the launcher at call time)."""
-    calls = []
-    launch = step_kernel.sampler_step
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(step_kernel, "sampler_step", spy)
-    return calls
+    return count_launches(monkeypatch, step_kernel, "sampler_step")
 
 
 NOISE_ARGS = {

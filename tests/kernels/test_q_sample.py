@@ -2,7 +2,7 @@
 here, the compiled kernel in the @gpu tests."""
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, ks_statistic_normal
+from helpers import DTYPES, TOLERANCES, assert_close, ks_statistic_normal
 
 from fastdiff import reference
 from fastdiff.kernels import q_sample as kernel
@@ -10,11 +10,6 @@ from fastdiff.schedule import linear_schedule
 
 TABLE = linear_schedule().q_sample_table()  # (1000, 2) [sqrt(abar), sqrt(1 - abar)]
 T = TABLE.shape[0]
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
 SHAPES = [
     pytest.param((3, 3, 7, 5), id="B3-3x7x5"),
     pytest.param((4, 1), id="one-element-per-sample"),

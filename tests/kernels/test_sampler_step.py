@@ -2,7 +2,7 @@
 tensors here, the compiled kernel in the @gpu tests."""
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, ks_statistic_normal
+from helpers import DTYPES, TOLERANCES, assert_close, ks_statistic_normal
 
 from fastdiff import reference
 from fastdiff.kernels import sampler_step as kernel
@@ -12,11 +12,6 @@ from fastdiff.schedule import ddpm_table, linear_schedule
 TABLE = ddpm_table(linear_schedule(), steps=10, form="diffusers")
 #: A one-row table whose update is x_prev = z: isolates the noise.
 NOISE_ONLY = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16"),
-]
 SHAPES = [
     pytest.param((3, 3, 7, 5), id="B3-3x7x5"),
     pytest.param((4, 1), id="one-element-per-sample"),
