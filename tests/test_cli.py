@@ -54,7 +54,8 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
     """--accelerate runs fastdiff.Sampler (compiled on CPU), says so, and draws the reference's
     images: in seed mode on CPU it uses the same noise, and fp32 agrees to ~1e-6."""
     assert main([*TINY_SAMPLE, "--accelerate", "--out", str(tmp_path / "fast")]) == 0
-    assert "accelerated model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "accelerated model" in out and "warm-up:" in out
     assert main([*TINY_SAMPLE, "--out", str(tmp_path / "ref")]) == 0
     difference = np.abs(_images(tmp_path / "fast").astype(int) - _images(tmp_path / "ref").astype(int))
     assert difference.max() <= 1  # uint8 rounding of values that agree to ~1e-6

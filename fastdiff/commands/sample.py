@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     class_labels = None
     if config.num_classes:
         class_labels = torch.arange(args.batch, dtype=torch.int64) % config.num_classes
-    path_name, sample = build_sampler(
+    path_name, warmup, sample = build_sampler(
         model, table, device, progress=not args.no_progress,
         accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None,
     )  # fmt: skip
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sampler: {args.sampler}, {steps} steps" + (f", eta {args.eta or 0.0}" if args.sampler == "ddim" else "")
           + f", batch {args.batch} of {config.image_size}x{config.image_size}, seed {args.seed}"
           + (f", class labels cycling 0..{config.num_classes - 1}" if class_labels is not None else ""))
+    warmup(shape, class_labels)
     start = time.perf_counter()
     images = sample(shape, args.seed, class_labels)
     if device.startswith("cuda"):
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_sampler(model, table, device: str, progress: bool = True, accelerated_dtype=None):
-    """The execution path of ``fastdiff sample``: returns (name, sample(shape, seed, class_labels)).
+    """The execution path of ``fastdiff sample``: returns (name, warmup(shape, class_labels),
+    sample(shape, seed, class_labels)); warm-up (compilation) is kept out of the timed run.
 
     The one place that picks the path: the eager reference, or with ``accelerated_dtype`` the
     accelerated :class:`fastdiff.Sampler` (its own description names what actually ran).
@@ -106,17 +108,21 @@ def build_sampler(model, table, device: str, progress: bool = True, accelerated_
 
         sampler = Sampler(model, table, dtype=accelerated_dtype, device=device)
 
+        def warmup(shape, class_labels):
+            seconds = sampler.warmup(shape[0], class_labels)
+            print(f"warm-up: {seconds:.2f} s (compile{' + CUDA graph capture' if sampler.cuda_graphs else ''})")
+
         def sample_fast(shape, seed, class_labels):
             return sampler.sample(batch=shape[0], seed=seed, class_labels=class_labels, progress=progress)
 
-        return sampler.describe()["path"], sample_fast
+        return sampler.describe()["path"], warmup, sample_fast
 
     def sample(shape, seed, class_labels):
         return sample_reference(
             model, table, shape=shape, seed=seed, class_labels=class_labels, device=device, progress=progress
         )
 
-    return "reference (eager PyTorch)", sample
+    return "reference (eager PyTorch)", lambda shape, class_labels: None, sample
 
 
 def _load(args: argparse.Namespace, device: str):
