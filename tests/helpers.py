@@ -19,6 +19,13 @@ DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
 ]
 
+#: Awkward shapes for the elementwise kernels (step, q-sample), whose BLOCK is 1024.
+ELEMENTWISE_SHAPES = [
+    pytest.param((3, 3, 7, 5), id="B3-3x7x5"),
+    pytest.param((4, 1), id="one-element-per-sample"),
+    pytest.param((2, 1100), id="two-blocks-ragged-tail"),  # 1100 = 1024 + 76
+]
+
 #: Absolute floor added to the FlashAttention 2x rule, so exact-zero reference errors pass.
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 

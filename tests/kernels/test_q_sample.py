@@ -2,7 +2,7 @@
 here, the compiled kernel in the @gpu tests."""
 import pytest
 import torch
-from helpers import DTYPES, TOLERANCES, assert_close, ks_statistic_normal
+from helpers import DTYPES, ELEMENTWISE_SHAPES as SHAPES, TOLERANCES, assert_close, ks_statistic_normal
 
 from fastdiff import reference
 from fastdiff.kernels import q_sample as kernel
@@ -10,11 +10,6 @@ from fastdiff.schedule import linear_schedule
 
 TABLE = linear_schedule().q_sample_table()  # (1000, 2) [sqrt(abar), sqrt(1 - abar)]
 T = TABLE.shape[0]
-SHAPES = [
-    pytest.param((3, 3, 7, 5), id="B3-3x7x5"),
-    pytest.param((4, 1), id="one-element-per-sample"),
-    pytest.param((2, 1100), id="two-blocks-ragged-tail"),  # 1100 = 1024 + 76 with BLOCK=1024
-]
 
 
 def make_inputs(shape, dtype, seed=0):

@@ -2,7 +2,7 @@
 tensors here, the compiled kernel in the @gpu tests."""
 import pytest
 import torch
-from helpers import DTYPES, TOLERANCES, assert_close, ks_statistic_normal
+from helpers import DTYPES, ELEMENTWISE_SHAPES as SHAPES, TOLERANCES, assert_close, ks_statistic_normal
 
 from fastdiff import reference
 from fastdiff.kernels import sampler_step as kernel
@@ -12,11 +12,6 @@ from fastdiff.schedule import ddpm_table, linear_schedule
 TABLE = ddpm_table(linear_schedule(), steps=10, form="diffusers")
 #: A one-row table whose update is x_prev = z: isolates the noise.
 NOISE_ONLY = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
-SHAPES = [
-    pytest.param((3, 3, 7, 5), id="B3-3x7x5"),
-    pytest.param((4, 1), id="one-element-per-sample"),
-    pytest.param((2, 1100), id="two-blocks-ragged-tail"),  # 1100 = 1024 + 76 with BLOCK=1024
-]
 
 
 def make_inputs(shape, dtype, seed=0):
