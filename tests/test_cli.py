@@ -136,3 +136,10 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "sample" in result.stdout
+
+
+def test_cli_sampler_names_are_the_schedules():
+    from fastdiff.commands import SAMPLERS
+    from fastdiff.schedule import METHODS
+
+    assert SAMPLERS == METHODS

@@ -6,9 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from fastdiff.commands import UsageError, resolve_device
+from fastdiff.commands import SAMPLERS, UsageError, positive_int, resolve_device
 
-SAMPLERS = ("ddpm", "ddim")
 DEFAULT_DDIM_STEPS = 50
 QUICK_SAMPLES, QUICK_DDIM_STEPS = 48, 10
 #: Base seeds of the three sample sets; chunk i of a set uses base + seed + i.
@@ -19,17 +18,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="FOLDER",
                         help="a 1x16x16 model folder (default: the built-in digits model)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
-    parser.add_argument("--steps", type=_positive_int,
+    parser.add_argument("--steps", type=positive_int,
                         help=f"sampling steps (default: {DEFAULT_DDIM_STEPS} for ddim, T for ddpm)")
-    parser.add_argument("-n", "--num-samples", type=_positive_int, default=1000,
+    parser.add_argument("-n", "--num-samples", type=positive_int, default=1000,
                         help="samples per set (three sets are drawn; default: %(default)s)")
-    parser.add_argument("--chunk", type=_positive_int, default=250, help="samples per sampler call (default: %(default)s)")
+    parser.add_argument("--chunk", type=positive_int, default=250, help="samples per sampler call (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke run: {QUICK_SAMPLES} samples, ddim {QUICK_DDIM_STEPS} steps unless given")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="never torch.compile the accelerated sampler")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the figures here (default: out/fidelity-METHOD-STEPS.json)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -118,10 +117,3 @@ def _print_report(report) -> None:
     relation = "<=" if report.passed else ">"
     print(f"{verdict}: FD(accelerated, reference) {report.fd_accel_ref:.4f} {relation} "
           f"ref-vs-ref noise {q} {report.noise_threshold:.4f}")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value

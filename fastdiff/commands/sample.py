@@ -5,10 +5,10 @@ import argparse
 import time
 from pathlib import Path
 
-from fastdiff.commands import UsageError, resolve_device
+from fastdiff.commands import (
+    PRESETS, SAMPLERS, UsageError, load_model_arg, non_negative_float, positive_int, resolve_device,
+)
 
-PRESETS = ("default", "cifar10", "tiny")
-SAMPLERS = ("ddpm", "ddim")
 DEFAULT_DDIM_STEPS = 50
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -22,11 +22,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", choices=PRESETS, help="sample a random-init model of this preset instead")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
     parser.add_argument(
-        "--steps", type=_positive_int,
+        "--steps", type=positive_int,
         help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, T for ddpm)",
     )
-    parser.add_argument("--eta", type=_non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
-    parser.add_argument("--batch", type=_positive_int, default=16, help="number of images (default: %(default)s)")
+    parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="number of images (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from fastdiff.images import save_grid_png, save_npz
     from fastdiff.schedule import make_schedule, step_table
 
-    model, info = _load(args, device)
+    model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)
     steps = args.steps or (DEFAULT_DDIM_STEPS if args.sampler == "ddim" else schedule.num_timesteps)
     if steps > schedule.num_timesteps:
@@ -125,34 +125,3 @@ def build_sampler(model, table, device: str, progress: bool = True, accelerated_
     return "reference (eager PyTorch)", lambda shape, class_labels: None, sample
 
 
-def _load(args: argparse.Namespace, device: str):
-    from fastdiff.io import load_model, random_init_model
-    from fastdiff.unet import UNetConfig
-
-    if args.config is not None:
-        preset = {"default": UNetConfig, "cifar10": UNetConfig.cifar10, "tiny": UNetConfig.tiny}[args.config]
-        return random_init_model(preset(), device=device)
-    try:
-        return load_model(args.model, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"--model: {e}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value

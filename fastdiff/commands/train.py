@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fastdiff.commands import UsageError, resolve_device
+from fastdiff.commands import UsageError, positive_int, resolve_device
 
 #: The shipped digits model: ~1.1M parameters, 16x16 grayscale.
 DIGITS_MODEL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8, dropout=0.0)
@@ -14,8 +14,8 @@ DIGITS_MODEL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits",
                         help="'digits' (sklearn's bundled digits, 16x16) or a folder of PNG images (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=3000, help="total optimisation steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="default: %(default)s")
+    parser.add_argument("--steps", type=positive_int, default=3000, help="total optimisation steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
     parser.add_argument("--lr-warmup", type=int, default=200, help="linear warm-up steps (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="default: %(default)s")
@@ -23,12 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="init, batch, timestep and noise seed (default: %(default)s)")
     model = parser.add_argument_group("model (default: the shipped digits model)")
-    model.add_argument("--ch", type=_positive_int, default=DIGITS_MODEL["ch"])
+    model.add_argument("--ch", type=positive_int, default=DIGITS_MODEL["ch"])
     model.add_argument("--ch-mult", type=_int_list, default=DIGITS_MODEL["ch_mult"], help="e.g. 1,2,2")
-    model.add_argument("--num-res-blocks", type=_positive_int, default=DIGITS_MODEL["num_res_blocks"])
+    model.add_argument("--num-res-blocks", type=positive_int, default=DIGITS_MODEL["num_res_blocks"])
     model.add_argument("--attn-resolutions", type=_int_list, default=DIGITS_MODEL["attn_resolutions"],
                        help="feature-map sizes with self-attention, e.g. 8 (empty string: none)")
-    model.add_argument("--num-groups", type=_positive_int, default=DIGITS_MODEL["num_groups"])
+    model.add_argument("--num-groups", type=positive_int, default=DIGITS_MODEL["num_groups"])
     model.add_argument("--dropout", type=float, default=DIGITS_MODEL["dropout"])
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("out/train"),
                         help="where checkpoint.safetensors is written (default: %(default)s)")
@@ -38,9 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="at the end, save the EMA weights as a model folder (config.json + model.safetensors)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--log-file", type=Path, help="append one line per log window to this file")
-    parser.add_argument("--log-every", type=_positive_int, default=50, help="steps per log line (default: %(default)s)")
+    parser.add_argument("--log-every", type=positive_int, default=50, help="steps per log line (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -111,12 +111,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote: EMA model to {folder}")
     return 0
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _int_list(text: str) -> tuple[int, ...]:

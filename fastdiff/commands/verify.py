@@ -19,8 +19,7 @@ import math
 import time
 from pathlib import Path
 
-from fastdiff.commands import resolve_device
-from fastdiff.commands.sample import PRESETS, SAMPLERS, _load, _positive_int
+from fastdiff.commands import PRESETS, SAMPLERS, load_model_arg, positive_int, resolve_device
 
 FP32_MAX_ABS = 1e-4
 HALF_MIN_PSNR_DB = 30.0
@@ -32,8 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", metavar="FOLDER", type=Path, help="model folder (default: --config tiny)")
     source.add_argument("--config", choices=PRESETS, help="a random-init model of this preset (default: tiny)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="default: %(default)s")
-    parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: T for ddpm, 50 for ddim)")
-    parser.add_argument("--batch", type=_positive_int, default=4, help="default: %(default)s")
+    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: T for ddpm, 50 for ddim)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from fastdiff.sampling import draw_noise, sample_reference
     from fastdiff.schedule import ddim_table, ddpm_table, make_schedule
 
-    model, info = _load(args, device)
+    model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)
     clip = not args.no_clip
     if args.sampler == "ddpm":
