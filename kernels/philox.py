@@ -1,4 +1,5 @@
-"""In-kernel standard normals from explicit Philox counters, shared by the noise-drawing kernels.
+"""In-kernel standard normals from explicit Philox counters, and the per-sample grid layout that
+keys them, shared by the noise-drawing kernels.
 
 ``philox_normal(seed, c0, c1, c2, c3)`` is ``fastdiff.reference.philox_normal`` in Triton: the
 four 32-bit counter words go through Philox4x32-10 keyed by the 64-bit seed, the first two
@@ -28,3 +29,15 @@ def philox_normal(seed, c0, c1, c2, c3):
     u2 = tl.random.uint_to_uniform_float(r1)
     z, _ = tl.random.pair_uniform_to_normal(u1, u2)
     return z
+
+
+@triton.jit
+def sample_block(n_per_sample, BLOCK: tl.constexpr):
+    """The (blocks within a sample, sample) grid: returns (sample, element, mask, offsets) where
+    ``element`` is the index within the sample (the noise key's first word), ``sample`` the
+    program's sample (its second word) and ``offsets`` the flat (B, N) index."""
+    sample = tl.program_id(1)
+    element = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = element < n_per_sample
+    offsets = sample.to(tl.int64) * n_per_sample + element
+    return sample, element, mask, offsets

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.philox import philox_normal
+from fastdiff.kernels.philox import philox_normal, sample_block
 
 NOISE_MODES = ("given", "philox")
 BLOCK = 1024
@@ -39,11 +39,7 @@ def q_sample_kernel(
     BLOCK: tl.constexpr,
     NOISE: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    sample = tl.program_id(1)
-    element = block * BLOCK + tl.arange(0, BLOCK)
-    mask = element < n_per_sample
-    offsets = sample.to(tl.int64) * n_per_sample + element
+    sample, element, mask, offsets = sample_block(n_per_sample, BLOCK)
 
     t = tl.load(t_ptr + sample)
     t_ok = (t >= 0) & (t < num_timesteps)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.philox import philox_normal
+from fastdiff.kernels.philox import philox_normal, sample_block
 
 NOISE_MODES = ("none", "given", "philox")
 #: Elements per program and warps: 8 elements per thread, enough bytes in flight per SM for a
@@ -55,11 +55,7 @@ def sampler_step_kernel(
     CLIP: tl.constexpr,
     WRITE_X0: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    sample = tl.program_id(1)
-    element = block * BLOCK + tl.arange(0, BLOCK)
-    mask = element < n_per_sample
-    offsets = sample.to(tl.int64) * n_per_sample + element
+    sample, element, mask, offsets = sample_block(n_per_sample, BLOCK)
 
     step = tl.load(step_ptr)
     step_ok = (step >= 0) & (step < num_steps)
