@@ -72,3 +72,15 @@ def count_launches(monkeypatch, kernel_module, launcher_name: str) -> list:
 
     monkeypatch.setattr(kernel_module, launcher_name, spy)
     return calls
+
+
+def tiny_diffusers_unet(**overrides):
+    """A diffusers UNet2DModel small enough for CPU tests: 8x8, one attention level."""
+    from diffusers import UNet2DModel
+
+    kwargs = dict(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8,
+    )  # fmt: skip
+    return UNet2DModel(**{**kwargs, **overrides})

@@ -6,6 +6,7 @@ import collections
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -57,15 +58,6 @@ def digits_diffusers_unet():
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=8, num_class_embeds=10,
     )  # fmt: skip
-
-
-def tiny_diffusers_unet(**overrides):
-    kwargs = dict(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8,
-    )  # fmt: skip
-    return UNet2DModel(**{**kwargs, **overrides})
 
 
 def assert_shares_weights(fast: nn.Module, original: nn.Module):

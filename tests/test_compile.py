@@ -2,7 +2,7 @@
 the inductor settings (freezing) apply to fastdiff's compile only."""
 import pytest
 import torch
-from helpers import assert_within_2x_of_torch
+from helpers import assert_within_2x_of_torch, tiny_diffusers_unet
 from torch._inductor.utils import run_and_get_code
 
 from fastdiff.accelerate import accelerate
@@ -40,13 +40,9 @@ def test_accelerated_unet_and_step_have_no_graph_breaks():
 
 
 def test_accelerated_diffusers_unet_has_no_graph_breaks():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8, num_class_embeds=10,
-    ).eval()  # fmt: skip
+    unet = tiny_diffusers_unet(num_class_embeds=10).eval()
     model = accelerate(DiffusersEps(unet))
     explained = torch._dynamo.explain(model)(torch.randn(2, 3, 8, 8), torch.tensor([5, 6]), torch.tensor([1, 2]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -10,6 +10,7 @@ Compiles are the cost here: two (the DDPM and DDIM samplers), shared through mod
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_diffusers_unet
 
 import fastdiff.sampler as sampler_module
 from fastdiff.commands.verify import fp64_trajectory, psnr
@@ -148,13 +149,9 @@ def test_class_conditioned_model():
 
 
 def test_diffusers_unet2d_model():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8,
-    ).eval()  # fmt: skip
+    unet = tiny_diffusers_unet().eval()
     table = ddim_table(SCHEDULE, steps=5, clip_sample=True)
     sampler = Sampler(unet, table, compile=False)
     assert sampler.image_shape == (3, 8, 8) and sampler.report.counts["attention"] == 4
