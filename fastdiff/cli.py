@@ -3,6 +3,10 @@
 Subcommands live in :data:`COMMANDS` as ``name -> module``; a module defines
 ``configure(parser)`` and ``run(args) -> int`` and is imported only when its command runs,
 so ``fastdiff --help`` stays fast (no torch import).
+
+Failures: a bad argument is argparse's usage message and exit code 2; any other error is one
+line on stderr (``fastdiff CMD: error: ...``) and exit code 2, with the traceback only under
+``--debug``; Ctrl-C is one line and exit code 130 (temp files are removed as the writers unwind).
 """
 from __future__ import annotations
 
@@ -11,8 +15,13 @@ import ast
 import importlib
 import importlib.util
 import sys
+import traceback
 
 import fastdiff
+
+#: Exit codes: a failure of any kind, and an interrupt (128 + SIGINT, as shells report it).
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 COMMANDS = {
     "sample": "fastdiff.commands.sample",
@@ -27,13 +36,33 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastdiff`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    prog = f"fastdiff {argv[0]}" if argv and argv[0] in COMMANDS else "fastdiff"
     try:
         if argv and argv[0] in COMMANDS:
             return _run_command(argv[0], argv[1:])
         _top_parser().parse_args(argv)  # --help, --version, or an error for an unknown command
-        return 2
+        return EXIT_ERROR
     except SystemExit as e:  # argparse exits on --help and on errors; report its code instead
         return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 -- every failure is one line and exit code 2
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(e)}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return EXIT_ERROR
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line: its type (unless a plain ValueError/UsageError) and message."""
+    message = " ".join(str(error).split()) or "(no message)"
+    plain = type(error).__name__ in ("ValueError", "UsageError")
+    return message if plain else f"{type(error).__name__}: {message}"
 
 
 def _run_command(name: str, argv: list[str]) -> int:
@@ -42,11 +71,12 @@ def _run_command(name: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[name])
     parser = argparse.ArgumentParser(prog=f"fastdiff {name}", description=_summary(COMMANDS[name]))
     module.configure(parser)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
     try:
         return module.run(args)
     except UsageError as e:
-        parser.error(str(e))
+        parser.error(one_line(e))
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -58,6 +88,7 @@ def _top_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastdiff {fastdiff.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
     return parser
 

@@ -288,6 +288,8 @@ def _make_table(schedule, method: str, steps, eta) -> StepTable:
 def _resolve_device(device) -> torch.device:
     """``cuda`` -> ``cuda:<current>``, so it compares equal to the devices tensors report."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device}: no CUDA device is available here (torch {torch.__version__})")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

@@ -72,13 +72,16 @@ BAD_SAMPLE_ARGS = {
     "steps not a number": (_tiny("--steps", "ten"), "--steps: expected an integer"),
     "steps > T": (_tiny("--steps", "1001"), "--steps 1001: must be at most T = 1000"),
     "negative eta": (_tiny("--eta", "-0.1"), "--eta: must be >= 0"),
-    "nan eta": (_tiny("--eta", "nan"), "--eta: must be >= 0"),
+    "nan eta": (_tiny("--eta", "nan"), "--eta: must be a finite number"),
     "eta with ddpm": (_tiny("--sampler", "ddpm", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
     "batch 0": (_tiny("--batch", "0"), "--batch: must be >= 1"),
     "unknown device": (_tiny("--device", "tpu"), "--device must be cpu, cuda"),
     "unknown preset": (["sample", "--config", "huge"], "invalid choice: 'huge'"),
     "missing model folder": (["sample", "--model", "{tmp}/nowhere"], "--model: model folder"),
     "model and config": (_tiny("--model", "{tmp}/nowhere"), "not allowed with argument"),
+    "seed 2**64": (_tiny("--seed", str(2**64)), "--seed: must be in [0, 2**63)"),
+    "negative seed": (_tiny("--seed", "-1"), "--seed: must be in [0, 2**63)"),
+    "inf eta": (_tiny("--eta", "inf"), "--eta: must be a finite number"),
 }
 
 
@@ -143,3 +146,41 @@ def test_cli_sampler_names_are_the_schedules():
     from fastdiff.schedule import METHODS
 
     assert SAMPLERS == METHODS
+
+
+def test_runtime_failure_is_one_line_and_exit_2(monkeypatch, capsys):
+    """An error past argument parsing is one stderr line and exit code 2; --debug adds the traceback."""
+    import fastdiff.commands.info as info
+
+    def fail(args):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(info, "run", fail)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastdiff info: error: RuntimeError: disk on fire second line" in err
+    assert "Traceback" not in err
+    assert main(["info", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["--debug", "info"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import fastdiff.commands.info as info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert main(["info"]) == 130
+    err = capsys.readouterr().err
+    assert err == "fastdiff info: interrupted\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_sampler_on_cuda_without_gpu_says_so():
+    from fastdiff.sampler import Sampler
+
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        Sampler(UNet(UNetConfig.tiny()), device="cuda")

@@ -118,7 +118,9 @@ def test_export_writes_the_ema_weights(data, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("ema_decay", 1.0), ("seed", -1),
-                                          ("schedule", "square"), ("batch_size", 2.0)])
+                                          ("schedule", "square"), ("batch_size", 2.0), ("lr", float("inf")),
+                                          ("weight_decay", float("inf")), ("lr", float("nan")),
+                                          ("grad_clip", float("inf")), ("lr_warmup_steps", True), ("lr", "1e-3")])
 def test_bad_train_config(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})

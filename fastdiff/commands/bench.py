@@ -6,7 +6,7 @@ import datetime
 import re
 from pathlib import Path
 
-from fastdiff.commands import UsageError
+from fastdiff.commands import UsageError, positive_int, seed_int
 
 PATH_NAMES = ("reference", "compile", "fastdiff", "diffusers")
 
@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", choices=("cifar10", "tiny"), help="a random-init model of this preset instead")
     parser.add_argument("--batch", metavar="N", nargs="+", type=_int_list,
                         help="batch sizes, e.g. --batch 1 4 16 (default: 1 8 on CPU, 1 16 64 on GPU)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: 10 on CPU, 50 on GPU)")
+    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: 10 on CPU, 50 on GPU)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: %(default)s")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="precision of the compile/fastdiff/diffusers paths; the reference is always "
@@ -25,10 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--paths", default=",".join(PATH_NAMES),
                         help="comma-separated paths to compare (default: %(default)s)")
-    parser.add_argument("--repeats", type=int,
+    parser.add_argument("--repeats", type=positive_int,
                         help="timed calls per path and batch after warm-up (default: 7 CPU, 10 GPU)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed shared by all paths (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="noise seed shared by all paths (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"),
                         help="folder for JSON + PNG (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from fastdiff.commands import SAMPLERS, UsageError, positive_int, resolve_device
+from fastdiff.commands import SAMPLERS, UsageError, positive_int, resolve_device, seed_int
 
 DEFAULT_DDIM_STEPS = 50
 QUICK_SAMPLES, QUICK_DDIM_STEPS = 48, 10
@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=positive_int, default=250, help="samples per sampler call (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke run: {QUICK_SAMPLES} samples, ddim {QUICK_DDIM_STEPS} steps unless given")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="base seed (default: %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="never torch.compile the accelerated sampler")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from fastdiff.commands import (
-    PRESETS, SAMPLERS, UsageError, load_model_arg, non_negative_float, positive_int, resolve_device,
+    PRESETS, SAMPLERS, UsageError, load_model_arg, non_negative_float, positive_int, resolve_device, seed_int,
 )
 
 DEFAULT_DDIM_STEPS = 50
@@ -27,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
     parser.add_argument("--batch", type=positive_int, default=16, help="number of images (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same images (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="noise seed; same seed, same images (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

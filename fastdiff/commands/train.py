@@ -5,7 +5,10 @@ import argparse
 import time
 from pathlib import Path
 
-from fastdiff.commands import UsageError, positive_int, resolve_device
+from fastdiff.commands import (
+    UsageError, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device, seed_int,
+    unit_interval_float,
+)
 
 #: The shipped digits model: ~1.1M parameters, 16x16 grayscale.
 DIGITS_MODEL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8, dropout=0.0)
@@ -16,12 +19,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="'digits' (sklearn's bundled digits, 16x16) or a folder of PNG images (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=3000, help="total optimisation steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="default: %(default)s")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
-    parser.add_argument("--lr-warmup", type=int, default=200, help="linear warm-up steps (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="default: %(default)s")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: %(default)s)")
-    parser.add_argument("--ema-decay", type=float, default=0.999, help="default: %(default)s")
-    parser.add_argument("--seed", type=int, default=0, help="init, batch, timestep and noise seed (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=5e-4, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--lr-warmup", type=non_negative_int, default=200, help="linear warm-up steps (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="default: %(default)s")
+    parser.add_argument("--grad-clip", type=positive_float, default=1.0, help="max gradient norm (default: %(default)s)")
+    parser.add_argument("--ema-decay", type=unit_interval_float, default=0.999, help="default: %(default)s")
+    parser.add_argument("--seed", type=seed_int, default=0, help="init, batch, timestep and noise seed (default: %(default)s)")
     model = parser.add_argument_group("model (default: the shipped digits model)")
     model.add_argument("--ch", type=positive_int, default=DIGITS_MODEL["ch"])
     model.add_argument("--ch-mult", type=_int_list, default=DIGITS_MODEL["ch_mult"], help="e.g. 1,2,2")
@@ -29,10 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--attn-resolutions", type=_int_list, default=DIGITS_MODEL["attn_resolutions"],
                        help="feature-map sizes with self-attention, e.g. 8 (empty string: none)")
     model.add_argument("--num-groups", type=positive_int, default=DIGITS_MODEL["num_groups"])
-    model.add_argument("--dropout", type=float, default=DIGITS_MODEL["dropout"])
+    model.add_argument("--dropout", type=unit_interval_float, default=DIGITS_MODEL["dropout"])
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("out/train"),
                         help="where checkpoint.safetensors is written (default: %(default)s)")
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=250, help="steps between checkpoints (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's checkpoint")
     parser.add_argument("--export", type=Path, metavar="FOLDER",
                         help="at the end, save the EMA weights as a model folder (config.json + model.safetensors)")

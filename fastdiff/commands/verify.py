@@ -19,7 +19,7 @@ import math
 import time
 from pathlib import Path
 
-from fastdiff.commands import PRESETS, SAMPLERS, load_model_arg, positive_int, resolve_device
+from fastdiff.commands import PRESETS, SAMPLERS, load_model_arg, positive_int, resolve_device, seed_int
 
 FP32_MAX_ABS = 1e-4
 HALF_MIN_PSNR_DB = 30.0
@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="default: %(default)s")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: T for ddpm, 50 for ddim)")
     parser.add_argument("--batch", type=positive_int, default=4, help="default: %(default)s")
-    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    parser.add_argument("--seed", type=seed_int, default=0, help="default: %(default)s")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--no-compile", action="store_true", help="run the accelerated model without torch.compile")
