@@ -254,3 +254,102 @@ def test_failed_image_write_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         save_grid_png(np.zeros((0, 2, 2, 3), dtype=np.uint8), tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temps_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "data.txt"
+    dead = _dead_pid()
+    stale = [tmp_path / f".data.txt.{dead}-0badc0de.tmp.txt", tmp_path / ".data.txt.0123456789ab.tmp.txt"]
+    for path in stale:
+        path.write_text("half")
+    live = tmp_path / f".data.txt.{os.getpid()}-0badc0de.tmp.txt"  # this process: maybe mid-write
+    live.write_text("in progress")
+    other = tmp_path / f".other.txt.{dead}-0badc0de.tmp.txt"
+    other.write_text("not ours")
+    io.atomic_write(target, lambda path: path.write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data.txt", live.name, other.name])
+
+
+def test_atomic_folder_swaps_the_whole_set_and_keeps_other_files(tmp_path):
+    out = tmp_path / "out"
+    with io.atomic_folder(out) as staging:
+        (staging / "a.txt").write_text("a1")
+        (staging / "b.txt").write_text("b1")
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "deep.txt").write_text("deep")
+    with io.atomic_folder(out) as staging:
+        (staging / "a.txt").write_text("a2")
+        assert not (out / "a.txt").read_text() == "a2"  # nothing visible before the swap
+        (staging / "b.txt").write_text("b2")
+    assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == {"a.txt": "a2", "b.txt": "b2", "notes.txt": "mine"}
+    assert (out / "sub" / "deep.txt").read_text() == "deep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_atomic_folder_failure_leaves_the_old_set(tmp_path, error):
+    out = tmp_path / "out"
+    with io.atomic_folder(out) as staging:
+        (staging / "a.txt").write_text("old")
+    with pytest.raises(type(error)):
+        with io.atomic_folder(out) as staging:
+            (staging / "a.txt").write_text("new")
+            raise error
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_folder_without_an_exchange_call(tmp_path, monkeypatch):
+    """Where renameat2 is missing the old folder is renamed aside first; a kill between the two
+    renames is repaired by the next run, which puts the old set back before writing."""
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    for text in ("one", "two"):
+        with io.atomic_folder(out) as staging:
+            (staging / "a.txt").write_text(text)
+    assert (out / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    aside = tmp_path / f".out.{_dead_pid()}-0badc0de.tmp.old"
+    os.rename(out, aside)  # the state a kill between the renames leaves
+    io.remove_stale_temps(out)
+    assert (out / "a.txt").read_text() == "two" and not aside.exists()
+
+
+def test_atomic_folder_refuses_a_file_and_an_unwritable_place(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        with io.atomic_folder(tmp_path / "file"):
+            pass
+    with pytest.raises(OSError, match="cannot write into"):
+        with io.atomic_folder(tmp_path / "file" / "sub"):
+            pass
+
+
+def test_half_replaced_model_folder_is_refused(tmp_path):
+    """New weights beside the old config.json (what a kill between two renames used to leave)
+    fail the recorded hash instead of loading with the wrong schedule."""
+    model = UNet(UNetConfig.tiny(image_size=8, in_channels=1))
+    old = io.save_model(model, tmp_path / "old", schedule="linear", num_timesteps=1000)
+    new = io.save_model(model, tmp_path / "new", schedule="cosine", num_timesteps=500)
+    with torch.no_grad():
+        model.conv_in.weight.add_(1.0)
+    io.save_model(model, tmp_path / "new")  # other weights, same shapes
+    (old / io.WEIGHTS_FILE).write_bytes((new / io.WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ValueError, match=r"model.safetensors: does not match config.json \(its SHA-256"):
+        io.load_model(old)
+
+
+def test_builtin_model_records_its_weights_hash():
+    info = io.read_model_info(io.BUILTIN_FOLDER)
+    assert info.weights_sha256 is not None
+    io.load_model()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from fastdiff.commands import (
 )
 
 DEFAULT_DDIM_STEPS = 50
+#: The output set: written together into --out, as one unit (fastdiff.io.atomic_folder).
+PNG_NAME, NPZ_NAME = "samples.png", "samples.npz"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -49,10 +52,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
+    for parent in args.out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--out {args.out}: {parent} is a file, not a folder")
 
     import torch
 
     from fastdiff.images import save_grid_png, save_npz
+    from fastdiff.io import atomic_folder, pause_point
     from fastdiff.schedule import make_schedule, step_table
 
     model, info = load_model_arg(args, device)
@@ -79,18 +86,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"sampler: {args.sampler}, {steps} steps" + (f", eta {args.eta or 0.0}" if args.sampler == "ddim" else "")
           + f", batch {args.batch} of {config.image_size}x{config.image_size}, seed {args.seed}"
           + (f", class labels cycling 0..{config.num_classes - 1}" if class_labels is not None else ""))
-    warmup(shape, class_labels)
-    start = time.perf_counter()
-    images = sample(shape, args.seed, class_labels)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    png = save_grid_png(images, args.out / "samples.png")
-    npz = save_npz(images, args.out / "samples.npz")
+    output = contextlib.ExitStack()
+    try:  # the output folder is staged before any work, so an unwritable --out fails now
+        staging = output.enter_context(atomic_folder(args.out))
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: {e}") from None
+    with output:  # the PNG and the npz replace the old pair together, or not at all
+        warmup(shape, class_labels)
+        start = time.perf_counter()
+        images = sample(shape, args.seed, class_labels)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        save_grid_png(images, staging / PNG_NAME)
+        pause_point("sample-between-files")
+        save_npz(images, staging / NPZ_NAME)
     print(f"time:    {seconds:.2f} s for {args.batch} images ({seconds / steps * 1000:.1f} ms/step)")
-    print(f"wrote:   {png} and {npz}")
+    print(f"wrote:   {args.out / PNG_NAME} and {args.out / NPZ_NAME}")
     return 0
 
 
