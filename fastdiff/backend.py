@@ -54,3 +54,26 @@ def kernel_path(device: torch.device | str) -> str:
 
 def use_triton(t: torch.Tensor) -> bool:
     return kernel_path(t.device) != "reference"
+
+
+def on_device(device: torch.device | str):
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op context. Triton launches
+    on the *current* CUDA device and a CUDA graph captures on a stream of it, so every CUDA
+    entry point (ops, samplers, graph captures) runs under its tensors' device: cuda:1 works."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """float32 as IEEE float32 inside the block, on every device: no TF32 convolutions (cuDNN
+    allows them by default) or reduced-precision fp32 matmuls; the settings are restored after.
+    The reference sampler and the fp32 fast path both run under it, so they compare exactly."""
+    cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(matmul_precision)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdiff import backend
+
 logger = logging.getLogger(__name__)
 
 NOISE_MODES = ("given", "philox")
@@ -61,16 +63,20 @@ class CapturedStep:
         self.rng = torch.zeros(2, dtype=torch.int64, device=device) if key.noise == "philox" else None
         self.class_labels = torch.zeros(key.batch, dtype=torch.int64, device=device) if key.class_conditioned else None
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
+        self.device = device
+        # Warm-up and capture on one side stream *of this device*: torch.cuda.graph's default
+        # capture stream is created once, on whichever device was current at the first capture.
+        with backend.on_device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    self._body()
+                    self.step_index.zero_()  # stay in range however short the table is
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool, stream=side):
                 self._body()
-                self.step_index.zero_()  # stay in range however short the table is
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self._body()
 
     def _body(self) -> None:
         x_prev = self._step(self.x, self.step_index, self.noise, self.rng, self.class_labels)
@@ -81,6 +87,10 @@ class CapturedStep:
             class_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Replay ``num_steps`` steps from ``x_T``; every argument already on the device.
         ``z``: (num_steps, B, C, H, W) in given mode; ``rng``: [seed, offset] in Philox mode."""
+        with backend.on_device(self.device):
+            return self._run(x_T, num_steps, z, rng, class_labels)
+
+    def _run(self, x_T, num_steps, z, rng, class_labels) -> torch.Tensor:
         self.x.copy_(x_T)
         self.step_index.zero_()
         if self.rng is not None:

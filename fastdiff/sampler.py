@@ -13,7 +13,8 @@ What runs:
 Precision: ``dtype`` is the model's dtype; x_t and the step maths stay float32 whatever it is
 (the model's input is cast, eps is read in the step op in fp32), which is what keeps bf16
 samples within 30 dB PSNR of the fp32 reference. Half dtypes also run channels_last on CPU.
-float32 is the exact mode (on CUDA, TF32 is off while the sampler runs). Weights are shared
+float32 is the exact mode (:func:`fastdiff.backend.exact_fp32`: no TF32 while the sampler
+runs, as in the reference sampler). Weights are shared
 with the caller's model when device and dtype already match, else converted in a copy.
 
 Noise: ``sample(noise=ExternalNoise)`` uses exactly that noise (so results compare with
@@ -27,7 +28,6 @@ sampling and returns the seconds it took, so benchmarks can report compile time 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 import warnings
@@ -148,7 +148,7 @@ class Sampler:
         x_T, z, rng = self._noise(batch, seed, noise)
         class_labels = self._labels(class_labels, x_T.shape[0])
         key = self._key(x_T, class_labels, "given" if rng is None else "philox")
-        with _exact_fp32(self.device, self.dtype):
+        with backend.on_device(self.device), backend.exact_fp32():
             self._prepare(key)
             if self._graphs is not None:
                 return self._graphs.get(key).run(x_T, self.table.num_steps, z, rng, class_labels)
@@ -163,7 +163,7 @@ class Sampler:
         x = torch.zeros((batch, *self.image_shape), device=self.device)
         class_labels = self._labels(class_labels, batch)
         philox = self.philox_seed_mode and not external_noise
-        with torch.no_grad(), _exact_fp32(self.device, self.dtype):
+        with torch.no_grad(), backend.on_device(self.device), backend.exact_fp32():
             self._prepare(self._key(x, class_labels, "philox" if philox else "given"))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -332,23 +332,6 @@ def _placed(model: nn.Module, device: torch.device, dtype: torch.dtype, channels
 def _class_conditioned(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return bool(getattr(config, "num_classes", None) or getattr(config, "num_class_embeds", None))
-
-
-@contextlib.contextmanager
-def _exact_fp32(device: torch.device, dtype: torch.dtype):
-    """float32 is the exact mode: on CUDA, keep convolutions and matmuls out of TF32 (cuDNN
-    allows it by default) while this sampler compiles, captures and runs; restore after."""
-    if device.type != "cuda" or dtype != torch.float32:
-        yield
-        return
-    cudnn_tf32, matmul_precision = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-        torch.set_float32_matmul_precision(matmul_precision)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff import reference
+from fastdiff import backend, reference
 from fastdiff.schedule import StepTable
 
 #: ``model(x, t)`` or ``model(x, t, class_labels)`` -> eps, shaped like x.
@@ -81,7 +81,8 @@ def sample_reference(
     Randomness comes from ``seed`` (with ``shape``; see :func:`draw_noise`) or from ``noise``
     (external noise mode): pass exactly one. Same seed, same samples, bit for bit.
     With ``return_trajectory=True`` returns ``(x_0, trajectory)``, trajectory (S + 1, B, C, H, W)
-    holding x_T then x after each step.
+    holding x_T then x after each step. float32 is exact float32 on every device (no TF32:
+    :func:`fastdiff.backend.exact_fp32`), so every path is measured against the same truth.
     """
     if (seed is None) == (noise is None):
         raise ValueError("pass exactly one of seed (with shape) or noise")
@@ -107,7 +108,7 @@ def sample_reference(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"{table.method} sampling", unit="step")
-    with _eval_mode(model):
+    with _eval_mode(model), backend.exact_fp32():
         for i in steps:
             t = table.timesteps[i].expand(batch)
             eps = model(x, t) if class_labels is None else model(x, t, class_labels)

@@ -106,3 +106,44 @@ def test_no_host_sync_inside_the_loop(model, cuda_graphs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+def test_default_path_is_compiled_autotuned_and_captured(model):
+    """The sampler as a user gets it on a GPU: compile="auto" (max-autotune), graphs "auto"."""
+    noise = draw_noise(TABLE, SHAPE, seed=3)
+    sampler = Sampler(model, TABLE, device="cuda")
+    info = sampler.describe()
+    assert info["compiled"] and info["cuda_graphs"] and info["kernels"] == "triton" and "max-autotune" in info["path"]
+    out = sampler.sample(noise=noise)
+    assert not sampler.notes  # nothing stepped back to a slower path
+    torch.testing.assert_close(out.cpu(), sample_reference(model, TABLE, noise=noise), **GPU_FP32)
+
+
+def test_fp16_end_to_end_holds_30_db(model):
+    table = ddpm_table(linear_schedule(), steps=50, clip_sample=True)
+    noise = draw_noise(table, SHAPE, seed=4)
+    sampler = Sampler(model, table, device="cuda", dtype=torch.float16, autotune=False)
+    out = sampler.sample(noise=noise)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and not sampler.notes
+    assert psnr(out.cpu(), sample_reference(model, table, noise=noise)) >= 30.0
+
+
+def test_diffusers_model_on_the_gpu():
+    from helpers import tiny_diffusers_unet
+
+    torch.manual_seed(0)
+    unet = tiny_diffusers_unet().eval()
+    noise = draw_noise(TABLE, (2, 3, 8, 8), seed=5)
+    sampler = Sampler(unet, TABLE, device="cuda", autotune=False)
+    assert sampler.report.counts and sampler.describe()["kernels"] == "triton"
+    expected = sample_reference(lambda x, t: unet(x, t, return_dict=False)[0], TABLE, noise=noise)
+    torch.testing.assert_close(sampler.sample(noise=noise).cpu(), expected, **GPU_FP32)
+
+
+def test_fastdiff_verify_passes_on_the_gpu(capsys):
+    from fastdiff.cli import main
+
+    code = main(["verify", "--device", "cuda", "--steps", "100", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("PASS") == 2

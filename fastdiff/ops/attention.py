@@ -15,7 +15,8 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return reference.attention(q, k, v, scale).contiguous()
     from fastdiff.kernels.attention import attention as launch
 
-    return launch(q, k, v, scale)
+    with backend.on_device(q.device):
+        return launch(q, k, v, scale)
 
 
 @_attention_op.register_fake

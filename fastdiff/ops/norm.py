@@ -36,7 +36,8 @@ def _group_norm_silu_op(
     from fastdiff.kernels.group_norm import group_norm_silu as launch
 
     x = x.contiguous(memory_format=output_memory_format(x))
-    return launch(x, weight, bias, num_groups, eps, apply_silu)
+    with backend.on_device(x.device):
+        return launch(x, weight, bias, num_groups, eps, apply_silu)
 
 
 @_group_norm_silu_op.register_fake

@@ -78,7 +78,8 @@ def _q_sample_op(x0, t, coefs, noise, rng):
         return x_t.contiguous(), eps
     from fastdiff.kernels.q_sample import q_sample as launch
 
-    return launch(x0, t, coefs, noise, rng)
+    with backend.on_device(x0.device):
+        return launch(x0, t, coefs, noise, rng)
 
 
 @_q_sample_op.register_fake
