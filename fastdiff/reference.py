@@ -84,16 +84,17 @@ def philox_normal(seed: int, c0, c1, c2, c3) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
-def philox_noise_like(x: torch.Tensor, seed: int, word2: int, word3: int) -> torch.Tensor:
+def philox_noise_like(x: torch.Tensor, seed: int, word2: int, word3: int, first_sample: int = 0) -> torch.Tensor:
     """Noise keyed by (element within its sample, sample index, word2, word3), shaped like x.
 
     Keying on the sample index (not the flat index) makes sample i's noise the same alone
-    and in any batch.
+    and in any batch. x[j] is sample ``first_sample + j``: a slice of a larger set keyed by
+    global index (:mod:`fastdiff.shards`).
     """
     n = x.shape[0]
     per_sample = x[0].numel() if n else 0
     element = torch.arange(per_sample, dtype=torch.int64).expand(n, per_sample)
-    sample = torch.arange(n, dtype=torch.int64).unsqueeze(1).expand(n, per_sample)
+    sample = torch.arange(first_sample, first_sample + n, dtype=torch.int64).unsqueeze(1).expand(n, per_sample)
     z = philox_normal(seed, element, sample, word2, word3)
     return z.reshape(x.shape).to(device=x.device)
 

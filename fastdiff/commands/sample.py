@@ -34,6 +34,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    large = parser.add_argument_group(
+        "large-N sampling (fastdiff.shards; under torchrun each rank takes its share of the shards)"
+    )
+    large.add_argument("--num-images", type=positive_int, metavar="N",
+                       help="draw N images into --out in resumable shards instead of one grid of --batch")
+    large.add_argument("--shard-size", type=positive_int, default=100,
+                       help="images per shard and per forward pass (default: %(default)s)")
+    large.add_argument("--merge", action="store_true", help="also write all N images as one --out/images.npz")
     parser.add_argument(
         "--accelerate", action="store_true",
         help="use fastdiff.Sampler: fused ops, torch.compile, CUDA graphs on a GPU (default: the eager reference)",
@@ -55,22 +63,16 @@ def run(args: argparse.Namespace) -> int:
     for parent in args.out.parents:
         if parent.exists() and not parent.is_dir():
             raise UsageError(f"--out {args.out}: {parent} is a file, not a folder")
+    if args.num_images is not None:
+        return run_sharded(args, device)
 
     import torch
 
     from fastdiff.images import save_grid_png, save_npz
     from fastdiff.io import atomic_folder, pause_point
-    from fastdiff.schedule import make_schedule, step_table
 
-    model, info = load_model_arg(args, device)
-    schedule = make_schedule(info.schedule, info.num_timesteps)
-    steps = args.steps or (DEFAULT_DDIM_STEPS if args.sampler == "ddim" else schedule.num_timesteps)
-    if steps > schedule.num_timesteps:
-        raise UsageError(f"--steps {steps}: must be at most T = {schedule.num_timesteps} for this model")
-    if info.config.out_channels != info.config.in_channels:
-        raise UsageError("the model predicts more channels than it takes: only eps-prediction models can be sampled")
-    table = step_table(schedule, args.sampler, steps=steps, eta=args.eta or 0.0)
-
+    model, info, table = load_model_and_table(args, device)
+    steps = table.num_steps
     config = info.config
     shape = (args.batch, config.in_channels, config.image_size, config.image_size)
     class_labels = None
@@ -103,6 +105,59 @@ def run(args: argparse.Namespace) -> int:
         save_npz(images, staging / NPZ_NAME)
     print(f"time:    {seconds:.2f} s for {args.batch} images ({seconds / steps * 1000:.1f} ms/step)")
     print(f"wrote:   {args.out / PNG_NAME} and {args.out / NPZ_NAME}")
+    return 0
+
+
+def load_model_and_table(args: argparse.Namespace, device: str):
+    """(model, ModelInfo, StepTable) for --model/--config, --sampler, --steps and --eta."""
+    from fastdiff.schedule import make_schedule, step_table
+
+    model, info = load_model_arg(args, device)
+    schedule = make_schedule(info.schedule, info.num_timesteps)
+    steps = args.steps or (DEFAULT_DDIM_STEPS if args.sampler == "ddim" else schedule.num_timesteps)
+    if steps > schedule.num_timesteps:
+        raise UsageError(f"--steps {steps}: must be at most T = {schedule.num_timesteps} for this model")
+    if info.config.out_channels != info.config.in_channels:
+        raise UsageError("the model predicts more channels than it takes: only eps-prediction models can be sampled")
+    return model, info, step_table(schedule, args.sampler, steps=steps, eta=args.eta or 0.0)
+
+
+def run_sharded(args: argparse.Namespace, device: str) -> int:
+    """--num-images: every rank (one without torchrun) samples its shards into --out."""
+    from fastdiff.distributed import join, leave, rank_device
+
+    device = rank_device(device)
+    world = join(device)
+    try:
+        return _sample_shards(args, device, world)
+    finally:
+        leave()
+
+
+def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
+    import torch
+
+    from fastdiff import shards
+
+    model, info, table = load_model_and_table(args, device)
+    say = print if world.is_main else (lambda *a, **k: None)
+    say(f"model:   {info.description}")
+    say(f"sampler: {args.sampler}, {table.num_steps} steps, {args.num_images} images in shards of "
+        f"{args.shard_size}, seed {args.seed}, {world.size} process(es) on {device}")
+    try:
+        result = shards.sample_model(
+            model, table, args.out, args.num_images, device=device, shard_size=args.shard_size, seed=args.seed,
+            accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, merge=args.merge,
+            progress=not args.no_progress, world=world,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rate = result.images_sampled / result.seconds if result.seconds else 0.0
+    print(f"rank {world.rank}: sampled {result.shards_sampled} shards ({result.images_sampled} images, "
+          f"{rate:.1f} images/s), kept {result.shards_skipped} verified, redid {result.shards_redone} that failed "
+          f"verification, {result.seconds:.1f} s")
+    if result.manifest is not None:
+        say(f"wrote:   {result.manifest}" + (f" and {args.out / shards.MERGED_NPZ}" if args.merge else ""))
     return 0
 
 
