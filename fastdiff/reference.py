@@ -120,7 +120,8 @@ def sampler_step(
     """One update of :class:`fastdiff.schedule.StepTable` form; returns (x_prev, x0).
 
     Noise: ``noise`` if given; else Philox keyed by (element, sample, rng offset, step index)
-    if ``rng`` (int64 [seed, offset]) is given; else none. Math in fp32, cast on return.
+    if ``rng`` (int64 [seed, offset], or [seed, offset, first sample] where samples are
+    numbered from rng[2]) is given; else none. Math in fp32, cast on return.
     """
     # index_select (not coefs[step_index]): a 0-dim index tensor would be read on the host.
     c = coefs.index_select(0, step_index.long().reshape(1))[0].to(torch.float32)
@@ -132,8 +133,9 @@ def sampler_step(
     if noise is not None:
         out = out + c[5] * noise.to(torch.float32)
     elif rng is not None:
-        seed, offset = split_rng(rng)
-        out = out + c[5] * philox_noise_like(x, seed, offset, int(step_index))
+        seed, offset = split_rng(rng[:2])
+        first_sample = int(rng[2]) if rng.numel() == 3 else 0
+        out = out + c[5] * philox_noise_like(x, seed, offset, int(step_index), first_sample)
     return out.to(x_t.dtype), x0.to(x_t.dtype)
 
 

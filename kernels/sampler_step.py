@@ -12,7 +12,9 @@ once and each output written once; the math is fp32, cast to x_t's dtype on stor
 
 The grid is (blocks within a sample, sample), so the sample index is a program id and Philox
 noise keyed by (element in sample, sample, offset, step) is the same for sample i alone or in
-any batch.
+any batch. A third rng word adds a base to the sample word, so a batch holding images
+base .. base + B - 1 of a larger set draws each image's noise by its global index
+(:mod:`fastdiff.shards`).
 
 An out-of-range step index is not clamped: the coefficient loads are masked and read NaN, so
 every output is NaN (and ``tl.device_assert`` fires when Triton runs in debug mode). The op
@@ -42,7 +44,7 @@ def sampler_step_kernel(
     x_ptr,  # (B, N) x_t, contiguous, any float dtype; each element read once into registers
     eps_ptr,  # (B, N) model output eps, contiguous, any float dtype
     noise_ptr,  # (B, N) given z when NOISE == "given"; unused otherwise
-    rng_ptr,  # (2,) int64 [seed, offset] when NOISE == "philox"; unused otherwise
+    rng_ptr,  # (2,) int64 [seed, offset], or (3,) [seed, offset, first sample] with SAMPLE_BASE, when NOISE == "philox"
     step_ptr,  # (1,) integer step index, read by every program
     coefs_ptr,  # (S, 6) float32 table; one row of six scalars per program, kept in registers
     x_prev_ptr,  # (B, N) output x_{t-1}, x_t's dtype
@@ -54,6 +56,7 @@ def sampler_step_kernel(
     NOISE: tl.constexpr,
     CLIP: tl.constexpr,
     WRITE_X0: tl.constexpr,
+    SAMPLE_BASE: tl.constexpr,  # the noise key's sample word is rng[2] + the sample's index in the batch
 ):
     sample, element, mask, offsets = sample_block(n_per_sample, BLOCK)
 
@@ -80,7 +83,8 @@ def sampler_step_kernel(
     elif NOISE == "philox":
         seed = tl.load(rng_ptr)
         offset = tl.load(rng_ptr + 1)
-        x_prev += c5 * philox_normal(seed, element, sample, offset, step)
+        key_sample = sample + tl.load(rng_ptr + 2) if SAMPLE_BASE else sample
+        x_prev += c5 * philox_normal(seed, element, key_sample, offset, step)
 
     tl.store(x_prev_ptr + offsets, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
@@ -129,6 +133,7 @@ def sampler_step(
         step_index, coefs.contiguous(), x_prev, x0 if write_x0 else x_prev,
         n_per_sample, coefs.shape[0], 0.0 if clip_range is None else float(clip_range),
         BLOCK=block, NOISE=mode, CLIP=clip_range is not None, WRITE_X0=write_x0,
+        SAMPLE_BASE=mode == "philox" and rng.numel() == 3,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return x_prev, x0
@@ -140,9 +145,10 @@ def aot_specs():
     sampling) and an x0-less Philox step. Other dtype mixes compile the same code."""
     from fastdiff.kernels.aot import AotSpec
 
-    def spec(dtype: str, mode: str, clip: bool, write_x0: bool = True, eps_dtype: str | None = None) -> AotSpec:
+    def spec(dtype: str, mode: str, clip: bool, write_x0: bool = True, eps_dtype: str | None = None,
+             sample_base: bool = False) -> AotSpec:  # fmt: skip
         eps_dtype = eps_dtype or dtype
-        constexprs = {"BLOCK": BLOCK, "NOISE": mode, "CLIP": clip, "WRITE_X0": write_x0}
+        constexprs = {"BLOCK": BLOCK, "NOISE": mode, "CLIP": clip, "WRITE_X0": write_x0, "SAMPLE_BASE": sample_base}
         signature = {
             "x_ptr": f"*{dtype}", "eps_ptr": f"*{eps_dtype}", "noise_ptr": f"*{dtype}", "rng_ptr": "*i64",
             "step_ptr": "*i64", "coefs_ptr": "*fp32", "x_prev_ptr": f"*{dtype}", "x0_ptr": f"*{dtype}",
@@ -150,7 +156,7 @@ def aot_specs():
             **{name: "constexpr" for name in constexprs},
         }  # fmt: skip
         name = f"sampler_step_{dtype}" + (f"_eps_{eps_dtype}" if eps_dtype != dtype else "") + f"_{mode}"
-        name += ("_clip" if clip else "") + ("" if write_x0 else "_no_x0")
+        name += ("_clip" if clip else "") + ("" if write_x0 else "_no_x0") + ("_sample_base" if sample_base else "")
         return AotSpec(name, sampler_step_kernel, signature, constexprs, NUM_WARPS, NUM_STAGES)
 
     specs = [
@@ -158,4 +164,5 @@ def aot_specs():
     ]
     specs.append(spec("fp32", "philox", clip=True, eps_dtype="bf16"))
     specs.append(spec("fp32", "philox", clip=True, write_x0=False))
+    specs.append(spec("fp32", "philox", clip=False, sample_base=True))  # shards keyed by global image index
     return specs

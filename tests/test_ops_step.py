@@ -28,6 +28,7 @@ NOISE_ARGS = {
     "none": lambda noise: {},
     "given": lambda noise: {"noise": noise},
     "philox": lambda noise: {"rng": torch.tensor([2024, 3])},
+    "philox-first-sample": lambda noise: {"rng": torch.tensor([2024, 3, 40])},  # samples numbered from 40
 }
 
 
@@ -104,7 +105,7 @@ BAD_ARGUMENTS = [
     ("noise", torch.zeros(SHAPE, dtype=torch.int64), TypeError),
     ("noise", torch.zeros(SHAPE, device="meta"), RuntimeError),
     ("rng", torch.tensor([1, 2], dtype=torch.int32), TypeError),
-    ("rng", torch.tensor([1, 2, 3]), ValueError),
+    ("rng", torch.tensor([1, 2, 3, 4]), ValueError),
     ("rng", torch.tensor([1, 2], device="meta"), RuntimeError),
     ("clip_range", 0.0, ValueError),
     ("clip_range", float("nan"), ValueError),

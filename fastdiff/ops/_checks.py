@@ -29,11 +29,15 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **others: tor
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {reference_name} has {tuple(reference.shape)}")
 
 
-def check_rng(name: str, rng: torch.Tensor) -> None:
-    """rng: the int64 [seed, offset] pair that keys in-kernel Philox noise."""
+def check_rng(name: str, rng: torch.Tensor, first_sample: bool = False) -> None:
+    """rng: the int64 [seed, offset] pair that keys in-kernel Philox noise; with
+    ``first_sample`` also [seed, offset, index of the batch's first sample]."""
     check_tensor(name, rng, dtypes=(torch.int64,))
+    if rng.shape == (3,) and first_sample:
+        return
     if rng.shape != (2,):
-        raise ValueError(f"{name} must have shape (2,) holding [seed, offset], got {tuple(rng.shape)}")
+        words = "[seed, offset] or (3,) holding [seed, offset, first sample]" if first_sample else "[seed, offset]"
+        raise ValueError(f"{name} must have shape (2,) holding {words}, got {tuple(rng.shape)}")
 
 
 def check_index_values(name: str, index: torch.Tensor, size: int) -> None:

@@ -33,7 +33,8 @@ def sampler_step(
     x_t, eps (and noise): (B, ...) float tensors of one shape; step_index: one-element integer
     tensor on x_t's device; coefs: (S, 6) float32. Noise is ``noise`` if given, else Philox
     keyed by (element in sample, sample, rng[1], step_index) with key rng[0] if ``rng`` (int64
-    [seed, offset]) is given, else none. ``clip_range``: clamp x0 to [-clip_range, clip_range].
+    [seed, offset], or [seed, offset, first sample] to number the samples from rng[2]) is
+    given, else none. ``clip_range``: clamp x0 to [-clip_range, clip_range].
     """
     _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range)
     if x_t.numel() == 0:
@@ -64,7 +65,7 @@ def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range) -> None:
         check_tensor("noise", noise)
         check_same_shape("x_t", x_t, noise=noise)
     if rng is not None:
-        check_rng("rng", rng)
+        check_rng("rng", rng, first_sample=True)
     check_same_device("x_t", x_t, eps=eps, step_index=step_index, coefs=coefs, noise=noise, rng=rng)
     if clip_range is not None:
         if not isinstance(clip_range, (int, float)) or isinstance(clip_range, bool):

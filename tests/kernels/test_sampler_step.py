@@ -19,11 +19,13 @@ def make_inputs(shape, dtype, seed=0):
     return [(2 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]  # x_t, eps, noise
 
 
-def draw_noise(shape, seed, offset, step, block=kernel.BLOCK):
-    """The kernel's Philox z for (seed, offset, step), through the NOISE_ONLY update."""
+def draw_noise(shape, seed, offset, step, block=kernel.BLOCK, first_sample=None):
+    """The kernel's Philox z for (seed, offset, step), through the NOISE_ONLY update; with
+    ``first_sample``, the batch's samples are numbered from it (a third rng word)."""
     zeros = torch.zeros(shape)
     coefs = NOISE_ONLY.expand(step + 1, 6).contiguous()
-    z, _ = kernel.sampler_step(zeros, zeros, torch.tensor(step), coefs, rng=torch.tensor([seed, offset]), block=block)
+    rng = torch.tensor([seed, offset] if first_sample is None else [seed, offset, first_sample])
+    z, _ = kernel.sampler_step(zeros, zeros, torch.tensor(step), coefs, rng=rng, block=block)
     return z
 
 
@@ -137,6 +139,19 @@ def test_noise_matches_reference_philox(seed, offset, step):
     expected = reference.philox_noise_like(z, seed, offset, step)
     # Same Philox words; only the fp32 log/sqrt/cos of Box-Muller may differ in the last bit.
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_first_sample_word_keys_noise_by_global_image_index():
+    # Images 6..8 of a sharded run (fastdiff.shards) draw, in the kernel, the z that
+    # shards.image_noise gives them, whichever batch they sit in.
+    from fastdiff.shards import image_noise
+
+    z = draw_noise((3, 1, 5, 5), seed=5, offset=0, step=2, first_sample=6)
+    expected = image_noise(TABLE, 6, 3, (1, 5, 5), seed=5).z[2]
+    torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)
+    wider = draw_noise((5, 1, 5, 5), seed=5, offset=0, step=2, first_sample=4)
+    torch.testing.assert_close(wider[2:], z, rtol=0, atol=0)
+    assert (draw_noise((3, 1, 5, 5), seed=5, offset=0, step=2) == z).float().mean() < 1e-2
 
 
 def test_noise_statistics():
