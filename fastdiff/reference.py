@@ -24,18 +24,40 @@ def group_norm_silu(
     eps: float = 1e-5,
     apply_silu: bool = True,
 ) -> torch.Tensor:
-    """GroupNorm over (C/G, H, W) per (n, group), optional affine, then optional SiLU."""
+    """GroupNorm over (C/G, H, W) per (n, group), optional affine, then optional SiLU.
+
+    Statistics are fp32: a group whose sum of squared deviations overflows fp32 (|x - mean| from
+    about 1e19) has no meaningful normalised value and comes out NaN, as on the kernel route
+    (PyTorch's CPU kernel would return the bias there, a silently wrong constant).
+    """
     y = F.group_norm(x, num_groups, weight, bias, eps)
+    y = _overflowed_groups_to_nan(x, y, num_groups)
     return F.silu(y) if apply_silu else y
+
+
+def _overflowed_groups_to_nan(x: torch.Tensor, y: torch.Tensor, num_groups: int) -> torch.Tensor:
+    if x.numel() == 0:
+        return y
+    n, channels = x.shape[:2]
+    groups = x.float().reshape(n, num_groups, -1)
+    m2 = groups.var(-1, correction=0) * groups.shape[-1]
+    overflowed = m2 == float("inf")
+    per_channel = overflowed[:, :, None].expand(n, num_groups, channels // num_groups).reshape(n, channels)
+    return y.masked_fill(per_channel.reshape(n, channels, *([1] * (x.dim() - 2))), float("nan"))
 
 
 # ---------------------------------------------------------------- attention
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the last two dims; q, k, v: (B, heads, N, D)."""
+    """softmax(q k^T * scale) v over the last two dims; q, k, v: (B, heads, N, D).
+
+    NaN propagates as the formula says: a query row holding NaN gives a NaN output row (PyTorch's
+    CPU SDPA kernel returns zeros for it; the math and the Triton kernel give NaN).
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
 
 
 # ---------------------------------------------------------------- Philox noise

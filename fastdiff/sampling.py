@@ -58,6 +58,8 @@ def draw_noise(
     shape = _check_shape(shape)
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not -(2**63) <= int(seed) < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {int(seed)}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     x_T = torch.randn(shape, generator=generator, dtype=torch.float32)
     z = torch.randn((table.num_steps, *shape), generator=generator, dtype=torch.float32)

@@ -97,9 +97,14 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000) -> NoiseSched
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
 
 
+#: Longest schedule accepted: 100x the usual T = 1000; a longer one (a typo, a damaged
+#: config.json) would spend minutes and gigabytes building tables before anything else ran.
+MAX_TIMESTEPS = 100_000
+
+
 def _check_timesteps(num_timesteps: int) -> None:
-    if not isinstance(num_timesteps, int) or num_timesteps < 2:
-        raise ValueError(f"num_timesteps must be an integer >= 2, got {num_timesteps!r}")
+    if not isinstance(num_timesteps, int) or isinstance(num_timesteps, bool) or not 2 <= num_timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"num_timesteps must be an integer in [2, {MAX_TIMESTEPS}], got {num_timesteps!r}")
 
 
 @dataclass(frozen=True)

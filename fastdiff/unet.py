@@ -34,14 +34,25 @@ class UNetConfig:
     num_classes: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        # Strict types: a config.json value of the wrong JSON type (true for 1, "1e-6" for a
+        # number) is refused here rather than failing later, deep inside the model.
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(_is_int(m) and m >= 1 for m in value):
+                raise ValueError(f"{name} must be a list of positive integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         for name in ("image_size", "in_channels", "out_channels", "ch", "num_res_blocks", "num_heads", "num_groups"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
-            raise ValueError(f"ch_mult must be a non-empty tuple of positive integers, got {self.ch_mult!r}")
+        for name in ("dropout", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not self.ch_mult:
+            raise ValueError(f"ch_mult must be a non-empty list of positive integers, got {list(self.ch_mult)!r}")
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % factor:
             raise ValueError(
@@ -55,7 +66,7 @@ class UNetConfig:
                 raise ValueError(f"channels {width} are not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
+        if self.num_classes is not None and (not _is_int(self.num_classes) or self.num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
 
     @classmethod
@@ -83,6 +94,10 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown UNet config keys: {unknown}")
         return cls(**d)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

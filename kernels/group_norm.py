@@ -86,6 +86,9 @@ def group_norm_silu_kernel(
             m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
             count = new_count
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    # Deviations past ~1e19 overflow the fp32 sums: no normalised value is right, so NaN (as the
+    # reference route does), not the bias alone that rstd = 0 would give.
+    rstd = tl.where(m2 < float("inf"), rstd, float("nan"))
 
     # Pass 2: normalise, affine, SiLU, store in the output's dtype.
     for c_start in range(0, channels_per_group, BLOCK_C):

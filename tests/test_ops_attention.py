@@ -146,3 +146,13 @@ def test_cuda_op_runs_the_kernel(launches, head_dim):
     assert len(launches) == 1 and out.is_cuda
     assert_close(out, reference.attention(q.double(), k.double(), v.double()))
     torch.library.opcheck(torch.ops.fastdiff.attention.default, (q, k, v, None))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_nan_query_row_is_nan_on_every_route(route):
+    """Contiguous inputs take PyTorch's CPU flash kernel, which gave 0.0 for a NaN query row."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=g) for _ in range(3))
+    q[0, 0, 1, 0] = float("nan")
+    out = attention(q, k, v)
+    assert out[0, 0, 1].isnan().all() and out.isnan().sum() == 8

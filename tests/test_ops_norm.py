@@ -156,3 +156,31 @@ def test_cuda_op_runs_the_kernel(launches, memory_format):
     assert len(launches) == 1 and out.is_cuda and out.is_contiguous(memory_format=memory_format)
     assert_close(out, reference.group_norm_silu(x.double(), weight.double(), bias.double(), 32, 1e-6, True))
     torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default, (x, weight, bias, 32, 1e-6, True))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_group_whose_statistics_overflow_is_nan_on_every_route(route):
+    """|x| ~ 1e20 overflows fp32 sums of squares: NaN on both routes (the CPU route used to give
+    the bias, the kernel NaN); |x| ~ 1e17 still normalises to the fp64 answer."""
+    x, weight, bias = make_inputs()
+    x[0, :4] *= 1e20  # group 0 of sample 0
+    x[1, 4:8] *= 1e17  # group 1 of sample 1
+    out = group_norm_silu(x, weight, bias, GROUPS, 1e-5, False)
+    assert out[0, :4].isnan().all() and out.isnan().sum() == 4 * 5 * 4
+    truth = torch.nn.functional.group_norm(x.double(), GROUPS, weight.double(), bias.double(), 1e-5)
+    assert_close(out[1], truth[1], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("x_dtype, param_dtype, ok", [
+    (torch.float32, torch.float16, False), (torch.float32, torch.bfloat16, False),
+    (torch.float16, torch.bfloat16, False), (torch.bfloat16, torch.float32, True), (torch.float16, torch.float16, True),
+])  # fmt: skip
+def test_parameter_dtype_rule_is_the_same_on_every_route(route, x_dtype, param_dtype, ok):
+    x, weight, bias = make_inputs(dtype=x_dtype)
+    weight, bias = weight.to(param_dtype), bias.to(param_dtype)
+    if ok:
+        assert group_norm_silu(x, weight, bias, GROUPS).dtype == x_dtype
+    else:
+        with pytest.raises(TypeError, match=r"^weight must have x's dtype"):
+            group_norm_silu(x, weight, bias, GROUPS)

@@ -243,3 +243,26 @@ def test_cuda_graph_replays_every_step_with_fresh_noise():
         torch.testing.assert_close(got_z.cpu(), reference.philox_noise_like(x_cpu, 123, 4, i), rtol=1e-5, atol=1e-5)
     for i in range(1, TABLE.num_steps):
         assert (results[i][1] == results[i - 1][1]).float().mean() < 1e-2, f"noise repeated at step {i}"
+
+
+def test_out_of_range_indices_raise_under_torch_compile():
+    """Inductor wrapped -1 to the last row (step 9, t = 999); the check now survives compilation."""
+    from fastdiff.ops import q_sample
+    from fastdiff.schedule import linear_schedule
+
+    x_t, eps, noise = make_inputs()
+    q_table = linear_schedule().q_sample_table()
+
+    def step_and_q_sample(step_index, t):
+        x_prev, _ = sampler_step(x_t, eps, step_index, TABLE.coefs, noise=noise)
+        x_q, _ = q_sample(x_t, t, q_table, noise=noise)
+        return x_prev + x_q
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step_and_q_sample)
+    good_t = torch.zeros(x_t.shape[0], dtype=torch.int64)
+    assert_close(compiled(torch.tensor(9), good_t), step_and_q_sample(torch.tensor(9), good_t))
+    with pytest.raises(RuntimeError, match=r"step_index must lie in \[0, 10\)"):
+        compiled(torch.tensor(-1), good_t)
+    with pytest.raises(RuntimeError, match=r"t must lie in \[0, 1000\)"):
+        compiled(torch.tensor(9), good_t - 1)

@@ -41,9 +41,14 @@ def check_rng(name: str, rng: torch.Tensor, first_sample: bool = False) -> None:
 
 
 def check_index_values(name: str, index: torch.Tensor, size: int) -> None:
-    """Indices into a table of ``size`` rows must lie in [0, size). Only CPU tensors are read:
-    on a GPU the check would sync the host (and break CUDA graph capture)."""
+    """Indices into a table of ``size`` rows must lie in [0, size): ValueError eagerly, and under
+    torch.compile (which would wrap -1 to the last row) an assertion inductor keeps, which raises
+    RuntimeError. Only CPU tensors are checked: on a GPU the check would sync the host (and break
+    CUDA graph capture); the kernels write NaN for an index out of range instead."""
     if index.device.type != "cpu" or index.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((index >= 0) & (index < size)).all(), f"{name} must lie in [0, {size})")
         return
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= size:

@@ -44,7 +44,10 @@ def _check_args(q, k, v, scale) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over (B, heads, N, D); scale defaults to 1/sqrt(D). k and v may have
-    a different sequence length than q. Returns a contiguous (B, heads, N_q, D) tensor."""
+    a different sequence length than q. Returns a contiguous (B, heads, N_q, D) tensor.
+
+    NaN propagates as the formula (and PyTorch's math SDPA) says, on every route: a NaN in a
+    query row makes that output row NaN; a NaN in k or v makes every output row NaN."""
     _check_args(q, k, v, scale)
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)

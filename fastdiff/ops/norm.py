@@ -51,8 +51,12 @@ def _check_args(x, weight, bias, num_groups) -> None:
         if param is None:
             continue
         check_tensor(name, param, dtypes=FLOAT_DTYPES, rank=1)
+        if param.dtype not in (x.dtype, torch.float32):  # what PyTorch's GroupNorm takes, on every route
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {param.dtype}")
         if param.shape[0] != x.shape[1]:
             raise ValueError(f"{name} must have shape ({x.shape[1]},) to match x's channels, got {tuple(param.shape)}")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}")
     check_same_device("x", x, weight=weight, bias=bias)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
@@ -68,7 +72,13 @@ def group_norm_silu(
     eps: float = 1e-5,
     apply_silu: bool = True,
 ) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of an (N, C, H, W) tensor; statistics in fp32, result in x's dtype and layout."""
+    """GroupNorm (+ SiLU) of an (N, C, H, W) tensor; statistics in fp32, result in x's dtype and layout.
+
+    The same answer on every route (eager reference, compiled, Triton kernel) for the edge cases:
+    weight/bias must have x's dtype or float32 (PyTorch's rule; TypeError otherwise); NaN in a
+    group propagates to that group; a group whose fp32 sum of squared deviations overflows
+    (|x - mean| from about 1e19) comes out NaN rather than a constant.
+    """
     _check_args(x, weight, bias, num_groups)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=output_memory_format(x))

@@ -2,7 +2,8 @@
 
 Semantics are :func:`fastdiff.reference.q_sample`; the kernel is :mod:`fastdiff.kernels.q_sample`.
 No value of a CUDA tensor is read on the host (an out-of-range CUDA ``t`` gives NaN rows, see the
-kernel); CPU ``t`` is checked and raises ValueError.
+kernel); CPU ``t`` is checked and raises ValueError (RuntimeError under torch.compile, whose
+graphs keep the check rather than wrap -1 to t = T - 1).
 
 Not differentiable: training feeds data x0 that needs no gradient, so no autograd formula is
 registered (on the registered-op path, a backward through x_t raises).
@@ -38,8 +39,7 @@ def q_sample(
     if backend.kernel_path(x0.device) == "reference" and noise is not None:
         # Plain torch code that torch.compile can trace and fuse. Philox keying needs the seed
         # on the host, so that case runs the opaque op (the same reference, eagerly).
-        if not torch.compiler.is_compiling():
-            check_index_values("t", t, coefs.shape[0])
+        check_index_values("t", t, coefs.shape[0])
         return reference.q_sample(x0, t, coefs, noise, rng)
     return torch.ops.fastdiff.q_sample(x0, t, coefs, noise, rng)
 

@@ -4,7 +4,8 @@ Semantics are :func:`fastdiff.reference.sampler_step`; the kernel is
 :mod:`fastdiff.kernels.sampler_step`. No value of a CUDA tensor is read on the host, so the op
 can be captured in a CUDA graph and replayed with ``step_index`` (and ``rng``) updated in place.
 An out-of-range CUDA ``step_index`` is therefore not caught here: the kernel writes NaN (see
-its module docstring); CPU indices are checked and raise ValueError.
+its module docstring); CPU indices are checked and raise ValueError (RuntimeError under
+torch.compile, whose graphs keep the check rather than wrap -1 to the last row).
 
 Not differentiable: sampling needs no gradients, so no autograd formula is registered.
 """
@@ -43,8 +44,7 @@ def sampler_step(
     if backend.kernel_path(x_t.device) == "reference" and not draws_philox:
         # Plain torch code that torch.compile can trace and fuse. Philox keying needs the seed
         # and step on the host, so that case runs the opaque op (the same reference, eagerly).
-        if not torch.compiler.is_compiling():
-            check_index_values("step_index", step_index, coefs.shape[0])
+        check_index_values("step_index", step_index, coefs.shape[0])
         return reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
     return torch.ops.fastdiff.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
 
