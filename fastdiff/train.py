@@ -8,7 +8,12 @@ the weights.
 A checkpoint is one safetensors file holding the raw and EMA weights, the optimizer state and
 every random-number state, with the configs and step in its metadata; it is replaced
 atomically, so a kill mid-write leaves the previous one. Resuming restores all of it, and on
-CPU the resumed run's weights equal the uninterrupted run's bit for bit.
+CPU the resumed run's weights equal the uninterrupted run's bit for bit (with the same thread
+count: the checkpoint records it and a resume with another count warns).
+
+Guards: a non-finite loss or gradient norm stops training with :class:`NonFiniteError` before
+the optimizer step, so the weights and the last checkpoint stay good; a checkpoint is checked
+in full (every key, shape and dtype, the step, the metadata) before any of it is restored.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +35,12 @@ from fastdiff.unet import UNet, UNetConfig
 CHECKPOINT_FORMAT = "fastdiff-train-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.safetensors"
+_METADATA_KEYS = ("step", "model_config", "train_config", "optimizer_param_groups", "data_shape")
+_OPTIMIZER_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/Inf loss or gradient; the weights were not updated with it."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,13 @@ class Trainer:
         loss = F.mse_loss(self.forward(x_t, t), eps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # One host sync per step: a NaN/Inf must stop training before it reaches the weights.
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            raise NonFiniteError(
+                f"step {self.step + 1}: the loss is {loss.item()} and the gradient norm {grad_norm.item()}; "
+                "stopped before updating the weights (check the learning rate and the data)"
+            )
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         self.optimizer.step()
@@ -151,7 +169,14 @@ class Trainer:
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
         last_loss = None
         while self.step < until:
-            window_loss += self.train_step()
+            try:
+                window_loss += self.train_step()
+            except NonFiniteError as e:
+                if checkpoint_dir is None:
+                    raise
+                saved = checkpoint_path(checkpoint_dir)
+                kept = f"the last good checkpoint {saved} is kept" if saved.is_file() else "no checkpoint was written"
+                raise NonFiniteError(f"{e}; {kept}") from None
             window_steps += 1
             if window_steps == log_every or self.step == until:
                 last_loss = (window_loss / window_steps).item()
@@ -165,6 +190,11 @@ class Trainer:
         if checkpoint_dir is not None:
             self.save_checkpoint(checkpoint_dir)
         return last_loss
+
+    def _check_finite_weights(self, what: str) -> None:
+        for name, tensor in self.ema.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"{what}: EMA weight {name!r} holds NaN or Inf values")
 
     # ------------------------------------------------------------ checkpoints
 
@@ -190,6 +220,7 @@ class Trainer:
             "train_config": json.dumps(self.config.to_dict()),
             "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
             "data_shape": json.dumps(list(self.data.shape)),
+            "threads": str(torch.get_num_threads()),
         }
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -203,27 +234,76 @@ class Trainer:
         """
         tensors, metadata = read_checkpoint(path)
         path = checkpoint_path(path)
-        _check_same(path, "model config", json.loads(metadata["model_config"]), self.model_config.to_dict())
-        saved_train = json.loads(metadata["train_config"])
+        step, saved = _parse_metadata(path, metadata)
+        _check_same(path, "model config", saved["model_config"], self.model_config.to_dict())
+        saved_train = dict(saved["train_config"])
         saved_train["steps"] = self.config.steps
         _check_same(path, "training config", saved_train, self.config.to_dict())
-        _check_same(path, "data shape", {"shape": json.loads(metadata["data_shape"])}, {"shape": list(self.data.shape)})
+        _check_same(path, "data shape", {"shape": saved["data_shape"]}, {"shape": list(self.data.shape)})
+        state = self._check_tensors(path, tensors)
+        optimizer_state = {"state": state, "param_groups": saved["optimizer_param_groups"]}
+        try:  # on a copy first: a damaged checkpoint must leave this trainer as it was
+            trial = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr)
+            trial.load_state_dict(optimizer_state)
+            for group in trial.param_groups:
+                if group.get("lr") is None or not math.isfinite(float(group["lr"])):
+                    raise ValueError(f"learning rate {group.get('lr')!r}")
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{path}: damaged checkpoint: optimizer state does not load ({e})") from None
 
         self.model.load_state_dict(_strip(tensors, "model."))
         self.ema.load_state_dict(_strip(tensors, "ema."))
-        state: dict[int, dict] = {}
-        for name, value in _strip(tensors, "optimizer.").items():
-            index, key = name.split(".", 1)
-            state.setdefault(int(index), {})[key] = value.to(self.device)
-        self.optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_param_groups"])})
+        self.optimizer.load_state_dict(optimizer_state)
         self.generator.set_state(tensors["rng.batches"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(metadata["step"])
+        self.step = step
+        threads = metadata.get("threads")
+        if threads is not None and threads != str(torch.get_num_threads()):
+            warnings.warn(
+                f"{path} was written with {threads} CPU threads, this run has {torch.get_num_threads()}: "
+                f"results will differ in the last bits from an uninterrupted run (--threads {threads} matches it)",
+                stacklevel=2,
+            )
+
+    def _check_tensors(self, path: Path, tensors: dict) -> dict[int, dict]:
+        """Every tensor a checkpoint must hold, with this trainer's shapes and dtypes; returns the
+        optimizer's per-parameter state. ValueError naming the file and the tensor otherwise."""
+        expected = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        expected.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        expected["rng.batches"] = self.generator.get_state()
+        expected["rng.torch"] = torch.get_rng_state()
+        params = list(self.model.parameters())
+        state: dict[int, dict] = {}
+        for name, value in tensors.items():
+            if not name.startswith("optimizer."):
+                continue
+            index, _, key = name[len("optimizer."):].partition(".")
+            if not index.isdigit() or int(index) >= len(params) or key not in _OPTIMIZER_STATE_KEYS:
+                raise ValueError(f"{path}: damaged checkpoint: unexpected tensor {name!r}")
+            want = params[int(index)] if key != "step" else torch.zeros((), dtype=torch.float32)
+            expected[name] = want
+            state.setdefault(int(index), {})[key] = value.to(self.device)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path}: damaged checkpoint: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, want in expected.items():
+            got = tensors[name]
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(
+                    f"{path}: damaged checkpoint: tensor {name!r} is {got.dtype} {tuple(got.shape)}, "
+                    f"expected {want.dtype} {tuple(want.shape)}"
+                )
+        incomplete = [i for i, s in state.items() if set(s) != set(_OPTIMIZER_STATE_KEYS)]
+        if incomplete:
+            raise ValueError(f"{path}: damaged checkpoint: incomplete optimizer state for parameters {incomplete[:5]}")
+        return state
 
     def export(self, folder, extra: dict | None = None) -> Path:
         """Save the EMA weights as a model folder (:func:`fastdiff.io.save_model`)."""
         from fastdiff.io import save_model
 
+        self._check_finite_weights(f"export to {folder}")
         info = {"trained_steps": self.step, "train_config": self.config.to_dict(), **(extra or {})}
         return save_model(self.ema, folder, extra=info, schedule=self.config.schedule,
                           num_timesteps=self.config.num_timesteps)
@@ -258,8 +338,33 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def checkpoint_configs(path) -> tuple[UNetConfig, TrainConfig, int]:
     """The (model config, training config, step) a checkpoint was written with."""
     _, metadata = read_checkpoint(path)
-    return (UNetConfig.from_dict(json.loads(metadata["model_config"])),
-            TrainConfig.from_dict(json.loads(metadata["train_config"])), int(metadata["step"]))
+    path = checkpoint_path(path)
+    step, saved = _parse_metadata(path, metadata)
+    try:
+        return UNetConfig.from_dict(saved["model_config"]), TrainConfig.from_dict(saved["train_config"]), step
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged checkpoint: {e}") from None
+
+
+def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[int, dict]:
+    """(step, the JSON metadata values parsed) of a checkpoint; ValueError naming the file."""
+    missing = [key for key in _METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"{path}: damaged checkpoint: metadata lacks {missing}")
+    step = metadata["step"]
+    if not step.isdigit():  # digits only: no sign, so step >= 0
+        raise ValueError(f"{path}: damaged checkpoint: step must be an integer >= 0, got {step!r}")
+    parsed = {}
+    for key in _METADATA_KEYS[1:]:
+        try:
+            parsed[key] = json.loads(metadata[key])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: damaged checkpoint: metadata {key!r} is not valid JSON ({e})") from None
+    for key, kind in (("model_config", dict), ("train_config", dict), ("optimizer_param_groups", list),
+                      ("data_shape", list)):
+        if not isinstance(parsed[key], kind):
+            raise ValueError(f"{path}: damaged checkpoint: metadata {key!r} must be a JSON {kind.__name__}")
+    return int(step), parsed
 
 
 def _check_data(data: torch.Tensor, config: UNetConfig) -> None:
@@ -289,4 +394,4 @@ def _strip(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-__all__ = ["TrainConfig", "Trainer", "read_checkpoint", "checkpoint_configs", "CHECKPOINT_FILE"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteError", "read_checkpoint", "checkpoint_configs", "CHECKPOINT_FILE"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastdiff.data import load_digits_dataset
-from fastdiff.train import CHECKPOINT_FILE, TrainConfig, Trainer, checkpoint_configs, read_checkpoint
+from fastdiff.train import CHECKPOINT_FILE, NonFiniteError, TrainConfig, Trainer, checkpoint_configs, read_checkpoint
 from fastdiff.unet import UNetConfig
 
 MODEL = UNetConfig(image_size=8, in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
@@ -146,3 +146,108 @@ def test_cli_trains_resumes_and_refuses_another_config(tmp_path, capsys):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert main([*common, "--resume", "--ch", "24"]) == 2
     assert "another model config: ch: checkpoint 16 vs now 24" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- guards
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    """NaN weights used to train on with exit 0 and overwrite good checkpoints."""
+    trainer = Trainer(MODEL, TRAIN, data)
+    trainer.train(until=2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    good = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    with torch.no_grad():
+        trainer.model.conv_in.weight[0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss is nan .* the last good checkpoint .* is kept"):
+        trainer.train(checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert trainer.step == 2 and (tmp_path / CHECKPOINT_FILE).read_bytes() == good
+    for name, tensor in trainer.model.state_dict().items():  # the bad step did not update anything
+        assert torch.equal(tensor, before[name]) or tensor.isnan().any(), name
+    with pytest.raises(NonFiniteError, match="EMA weight"):
+        trainer.ema.conv_in.weight.data.fill_(float("inf"))
+        trainer.export(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_huge_learning_rate_stops_with_a_clear_error(data):
+    trainer = Trainer(MODEL, TrainConfig(**{**TRAIN.to_dict(), "lr": 1e30, "lr_warmup_steps": 0}), data)
+    with pytest.raises(NonFiniteError, match=r"the loss is (nan|inf)"):
+        trainer.train()
+
+
+def test_thread_count_is_recorded_and_a_mismatch_warned(data, tmp_path):
+    threads = torch.get_num_threads()
+    Trainer(MODEL, TRAIN, data).save_checkpoint(tmp_path)
+    assert read_checkpoint(tmp_path)[1]["threads"] == str(threads)
+    Trainer(MODEL, TRAIN, data).load_checkpoint(tmp_path)  # same count: silent
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(UserWarning, match=rf"written with {threads} CPU threads, this run has {threads + 1}"):
+            Trainer(MODEL, TRAIN, data).load_checkpoint(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rewrite(path, tensors=None, metadata=None, drop=(), **changes):
+    from safetensors.torch import save_file
+
+    saved_tensors, saved_metadata = read_checkpoint(path)
+    saved_tensors = {k: v for k, v in saved_tensors.items() if k not in drop}
+    saved_tensors.update(tensors or {})
+    saved_metadata = {k: v for k, v in saved_metadata.items() if k not in drop}
+    saved_metadata.update(metadata or {})
+    save_file(saved_tensors, str(path), metadata=saved_metadata)
+
+
+DAMAGED_CHECKPOINTS = {
+    "step -5": (dict(metadata={"step": "-5"}), r"step must be an integer >= 0, got '-5'"),
+    "step text": (dict(metadata={"step": "five"}), r"step must be an integer >= 0"),
+    "no step": (dict(drop=("step",)), r"metadata lacks \['step'\]"),
+    "model config not JSON": (dict(metadata={"model_config": "{oops"}), r"'model_config' is not valid JSON"),
+    "data shape not a list": (dict(metadata={"data_shape": "3"}), r"'data_shape' must be a JSON list"),
+    "param groups garbage": (dict(metadata={"optimizer_param_groups": "[{}]"}), r"optimizer state does not load"),
+    "missing weight": (dict(drop=("model.conv_in.weight",)), r"missing tensors \['model.conv_in.weight'\]"),
+    "missing rng": (dict(drop=("rng.torch",)), r"missing tensors \['rng.torch'\]"),
+    "extra tensor": (dict(tensors={"model.extra": torch.zeros(1)}), r"unexpected \['model.extra'\]"),
+    "wrong shape": (dict(tensors={"ema.conv_in.weight": torch.zeros(1)}), r"'ema.conv_in.weight' is torch.float32 \(1,\)"),
+    "wrong dtype": (dict(tensors={"rng.batches": torch.zeros(5056, dtype=torch.int32)}), r"'rng.batches' is torch.int32"),
+    "optimizer state shape": (dict(tensors={"optimizer.0.exp_avg": torch.zeros(2)}), r"'optimizer.0.exp_avg' is"),
+    "optimizer index": (dict(tensors={"optimizer.999.exp_avg": torch.zeros(2)}), r"unexpected tensor 'optimizer.999.exp_avg'"),
+    "optimizer state partial": (dict(drop=("optimizer.0.exp_avg_sq",)), r"missing tensors \['optimizer.0.exp_avg_sq'\]|incomplete"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(data, tmp_path_factory) -> bytes:
+    trainer = Trainer(MODEL, TRAIN, data)
+    trainer.train(until=1)
+    return trainer.save_checkpoint(tmp_path_factory.mktemp("good")).read_bytes()
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_CHECKPOINTS))
+def test_damaged_checkpoint_is_refused_naming_the_file(data, good_checkpoint, tmp_path, case):
+    """These used to end in raw KeyError/RuntimeError tracebacks, or resume silently (step -5)."""
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_bytes(good_checkpoint)
+    change, pattern = DAMAGED_CHECKPOINTS[case]
+    _rewrite(path, **change)
+    fresh = Trainer(MODEL, TRAIN, data)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ValueError, match=pattern) as raised:
+        fresh.load_checkpoint(tmp_path)
+    assert str(path) in str(raised.value) and "damaged checkpoint" in str(raised.value)
+    assert fresh.step == 0 and all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+
+
+def test_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    common = ["train", "--steps", "1", "--batch-size", "4", "--ch", "16", "--checkpoint-dir", str(tmp_path),
+              "--no-progress", "--device", "cpu"]
+    assert main(common) == 0
+    _rewrite(tmp_path / CHECKPOINT_FILE, metadata={"step": "-5"})
+    capsys.readouterr()
+    assert main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / CHECKPOINT_FILE}: damaged checkpoint: step must be" in err and "Traceback" not in err
