@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastdiff.distributed import World
 from fastdiff.schedule import make_schedule
 from fastdiff.unet import UNet, UNetConfig
 
@@ -97,8 +98,14 @@ class Trainer:
     """
 
     def __init__(self, model_config: UNetConfig, train_config: TrainConfig, data: torch.Tensor,
-                 device="cpu", compile: bool = False):
+                 device="cpu", compile: bool = False, world: World | None = None):
         _check_data(data, model_config)
+        self.world = world or World()
+        if train_config.batch_size % self.world.size:
+            raise ValueError(
+                f"batch_size {train_config.batch_size} must be a multiple of the {self.world.size} processes: "
+                "each takes an equal slice of the global batch"
+            )
         self.model_config, self.config = model_config, train_config
         self.device = torch.device(device)
         self.data = data.to(self.device, torch.float32)
@@ -110,7 +117,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
         )
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.replicas = self.model
+        if self.world.distributed:  # gradients are averaged across processes during backward
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.replicas = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.forward = torch.compile(self.replicas) if compile else self.replicas
         self.q_table = make_schedule(train_config.schedule, train_config.num_timesteps).q_sample_table(self.device)
         # Batches and timesteps come from this generator, q-sample noise from Philox keyed by
         # (seed, step), dropout from the global generator: all three resume from a checkpoint.
@@ -135,9 +146,12 @@ class Trainer:
         t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=self.generator)
         x0, t = self.data[index.to(self.device)], t.to(self.device)
         rng = torch.tensor([cfg.seed, self.step], dtype=torch.int64, device=self.device)
+        # q-sample's noise is keyed by position in the batch: draw it for the whole global batch
+        # (elementwise, cheap), then this process keeps its slice, as DistributedSampler would.
         x_t, eps = q_sample(x0, t, self.q_table, rng=rng)
+        mine = self._my_slice()
 
-        loss = F.mse_loss(self.forward(x_t, t), eps)
+        loss = F.mse_loss(self.forward(x_t[mine], t[mine]), eps[mine])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -153,6 +167,11 @@ class Trainer:
         self._update_ema(self.ema_decay(self.step))
         self.step += 1
         return loss.detach()
+
+    def _my_slice(self) -> slice:
+        """This process's rows of the global batch: equal slices, in rank order."""
+        size = self.config.batch_size // self.world.size
+        return slice(self.world.rank * size, (self.world.rank + 1) * size)
 
     @torch.no_grad()
     def _update_ema(self, decay: float) -> None:
@@ -179,7 +198,7 @@ class Trainer:
                 raise NonFiniteError(f"{e}; {kept}") from None
             window_steps += 1
             if window_steps == log_every or self.step == until:
-                last_loss = (window_loss / window_steps).item()
+                last_loss = self._mean_over_processes(window_loss / window_steps)
                 rate = window_steps * self.config.batch_size / (time.perf_counter() - window_start)
                 if on_log is not None:
                     on_log(self.step, last_loss, rate)
@@ -198,12 +217,25 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
+    def _mean_over_processes(self, value: torch.Tensor) -> float:
+        """The mean of a per-process scalar over all processes (a log-time all-reduce)."""
+        if self.world.distributed:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world.size
+        return value.item()
+
     def save_checkpoint(self, folder) -> Path:
-        """Write ``folder/checkpoint.safetensors`` atomically (the previous one survives a crash)."""
+        """Write ``folder/checkpoint.safetensors`` atomically (the previous one survives a crash).
+
+        Only rank 0 writes: every process holds the same weights, optimizer and generator states."""
         from safetensors.torch import save_file
 
         from fastdiff.io import atomic_write
 
+        folder = Path(folder)
+        if not self.world.is_main:
+            return checkpoint_path(folder)
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         optimizer_state = self.optimizer.state_dict()
@@ -221,8 +253,8 @@ class Trainer:
             "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
             "data_shape": json.dumps(list(self.data.shape)),
             "threads": str(torch.get_num_threads()),
+            "world_size": str(self.world.size),
         }
-        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return atomic_write(folder / CHECKPOINT_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

@@ -48,7 +48,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    """Under torchrun every process trains (DistributedDataParallel); rank 0 alone prints, logs,
+    checkpoints and exports."""
+    from fastdiff.distributed import join, leave, rank_device
+
+    device = rank_device(resolve_device(args.device))
+    world = join(device)
+    try:
+        return _train(args, device, world)
+    finally:
+        leave()
+
+
+def _train(args: argparse.Namespace, device: str, world) -> int:
     import torch
 
     from fastdiff.data import load_training_images
@@ -73,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    trainer = Trainer(model_config, train_config, data, device=device, compile=args.compile)
+    try:
+        trainer = Trainer(model_config, train_config, data, device=device, compile=args.compile, world=world)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    say = print if world.is_main else (lambda *a, **k: None)
     checkpoint = args.checkpoint_dir / CHECKPOINT_FILE
     if args.resume:
         if not checkpoint.is_file():
@@ -86,19 +102,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{checkpoint} exists: pass --resume to continue it, or another --checkpoint-dir")
 
     params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"data:  {args.data}: {data.shape[0]} images of {tuple(data.shape[1:])}")
-    print(f"model: {params:,} parameters; training steps {trainer.step} -> {train_config.steps}, "
-          f"batch {train_config.batch_size}, on {device}" + (" (compiled)" if args.compile else ""))
+    say(f"data:  {args.data}: {data.shape[0]} images of {tuple(data.shape[1:])}")
+    say(f"model: {params:,} parameters; training steps {trainer.step} -> {train_config.steps}, "
+        f"batch {train_config.batch_size}" + (f" ({world.size} processes x {train_config.batch_size // world.size})"
+                                              if world.distributed else "")
+        + f", on {device}" + (" (compiled)" if args.compile else ""))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=train_config.steps, initial=trainer.step, disable=args.no_progress, unit="step")
+    bar = tqdm(total=train_config.steps, initial=trainer.step, disable=args.no_progress or not world.is_main, unit="step")
     start = time.perf_counter()
 
     def on_log(step: int, loss: float, images_per_s: float) -> None:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
-        if args.log_file is not None:
+        if args.log_file is not None and world.is_main:
             with open(args.log_file, "a") as f:
                 f.write(f"step {step} loss {loss:.5f} images/s {images_per_s:.1f} "
                         f"elapsed_s {time.perf_counter() - start:.0f}\n")
@@ -108,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     seconds = time.perf_counter() - start
     summary = "no steps left to run" if loss is None else f"last loss {loss:.4f}, {seconds:.0f} s this run"
-    print(f"done:  step {trainer.step}, {summary}; checkpoint {checkpoint}")
-    if args.export is not None:
+    say(f"done:  step {trainer.step}, {summary}; checkpoint {checkpoint}")
+    if args.export is not None and world.is_main:
         folder = trainer.export(args.export, extra={"data": str(args.data)})
         print(f"wrote: EMA model to {folder}")
     return 0
