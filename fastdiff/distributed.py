@@ -7,6 +7,7 @@ it is. Without either, the run is one process of a world of one and nothing is i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,17 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(device: str):
+    """For a command: yields (this process's device, its World); the group is left at the end."""
+    device = rank_device(device)
+    world = join(device)
+    try:
+        yield device, world
+    finally:
+        leave()
+
+
 def rank_device(device: str) -> str:
     """``"cuda"`` -> this process's GPU (``cuda:LOCAL_RANK``) under torchrun; other names as given."""
     if device == "cuda" and launched_by_torchrun():
@@ -68,4 +80,4 @@ def rank_device(device: str) -> str:
     return device
 
 
-__all__ = ["World", "join", "leave", "launched_by_torchrun", "rank_device"]
+__all__ = ["World", "join", "leave", "launched_by_torchrun", "process_group", "rank_device"]

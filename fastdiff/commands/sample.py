@@ -124,14 +124,10 @@ def load_model_and_table(args: argparse.Namespace, device: str):
 
 def run_sharded(args: argparse.Namespace, device: str) -> int:
     """--num-images: every rank (one without torchrun) samples its shards into --out."""
-    from fastdiff.distributed import join, leave, rank_device
+    from fastdiff.distributed import process_group
 
-    device = rank_device(device)
-    world = join(device)
-    try:
+    with process_group(device) as (device, world):
         return _sample_shards(args, device, world)
-    finally:
-        leave()
 
 
 def _sample_shards(args: argparse.Namespace, device: str, world) -> int:

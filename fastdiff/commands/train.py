@@ -50,14 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Under torchrun every process trains (DistributedDataParallel); rank 0 alone prints, logs,
     checkpoints and exports."""
-    from fastdiff.distributed import join, leave, rank_device
+    from fastdiff.distributed import process_group
 
-    device = rank_device(resolve_device(args.device))
-    world = join(device)
-    try:
+    with process_group(resolve_device(args.device)) as (device, world):
         return _train(args, device, world)
-    finally:
-        leave()
 
 
 def _train(args: argparse.Namespace, device: str, world) -> int:
