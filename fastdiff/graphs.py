@@ -30,7 +30,8 @@ NOISE_MODES = ("given", "philox")
 #: lets the allocator and cuDNN/cuBLAS pick their workspaces, so nothing of that is captured.
 WARMUP_RUNS = 2
 
-#: ``step(x_t, step_index, noise, rng, class_labels) -> x_prev``: the step a graph captures.
+#: ``step(x_t, step_index, noise, rng, class_labels[, history]) -> x_prev``: the step a graph
+#: captures (``history`` only for multistep solvers).
 StepFn = Callable[..., torch.Tensor]
 
 
@@ -41,6 +42,7 @@ class GraphKey:
     dtype: torch.dtype  # the model's dtype (x_t stays float32)
     class_conditioned: bool
     noise: str  # "given" (z copied in per step) or "philox" (z drawn in-kernel)
+    history: int = 0  # previous data predictions the step keeps (multistep solvers)
 
     def __str__(self) -> str:
         labels = ", class-conditioned" if self.class_conditioned else ""
@@ -51,7 +53,8 @@ class GraphKey:
 class CapturedStep:
     """One captured step with its static buffers: ``x`` (B, C, H, W) float32, ``step_index``
     (int64, 0-dim), ``noise`` (like x, given mode), ``rng`` (int64 [seed, offset], Philox mode),
-    ``class_labels`` (B,) int64 when class-conditioned."""
+    ``class_labels`` (B,) int64 when class-conditioned, ``history`` (K, B, C, H, W) float32 when
+    the step is multistep (zeroed before each run, updated in place by the step)."""
 
     def __init__(self, step: StepFn, key: GraphKey, device: torch.device, pool=None):
         if key.noise not in NOISE_MODES:
@@ -62,6 +65,7 @@ class CapturedStep:
         self.noise = torch.zeros_like(self.x) if key.noise == "given" else None
         self.rng = torch.zeros(2, dtype=torch.int64, device=device) if key.noise == "philox" else None
         self.class_labels = torch.zeros(key.batch, dtype=torch.int64, device=device) if key.class_conditioned else None
+        self.history = torch.zeros((key.history, *self.x.shape), device=device) if key.history else None
 
         self.device = device
         # Warm-up and capture on one side stream *of this device*: torch.cuda.graph's default
@@ -79,7 +83,8 @@ class CapturedStep:
                 self._body()
 
     def _body(self) -> None:
-        x_prev = self._step(self.x, self.step_index, self.noise, self.rng, self.class_labels)
+        history = () if self.history is None else (self.history,)
+        x_prev = self._step(self.x, self.step_index, self.noise, self.rng, self.class_labels, *history)
         self.x.copy_(x_prev)
         self.step_index.add_(1)
 
@@ -93,6 +98,8 @@ class CapturedStep:
     def _run(self, x_T, num_steps, z, rng, class_labels) -> torch.Tensor:
         self.x.copy_(x_T)
         self.step_index.zero_()
+        if self.history is not None:
+            self.history.zero_()
         if self.rng is not None:
             self.rng.copy_(rng)
         if self.class_labels is not None:

@@ -1,4 +1,4 @@
-"""``fastdiff.Sampler``: the fast DDPM/DDIM sampling loop, one API on CPU and GPU.
+"""``fastdiff.Sampler``: the fast DDPM/DDIM/DPM-Solver++ sampling loop, one API on CPU and GPU.
 
 What runs:
 
@@ -51,7 +51,10 @@ class DenoiseStep(nn.Module):
 
         t = timesteps[step_index] (gathered on the device)
         eps = model(x_t in the model's dtype and layout, t[, class_labels])
-        x_prev = fastdiff.ops.sampler_step(x_t, eps, step_index, coefs, noise | rng)  (fp32)
+        x_prev = fastdiff.ops.sampler_step(x_t, eps, step_index, coefs, noise | rng, history)  (fp32)
+
+    ``history`` is the multistep solvers' buffer of previous data predictions, (K, *x_t.shape)
+    float32, updated in place by the step (None for DDPM/DDIM).
     """
 
     def __init__(self, model: nn.Module, table: StepTable, model_dtype: torch.dtype, channels_last: bool):
@@ -60,14 +63,18 @@ class DenoiseStep(nn.Module):
         self.register_buffer("timesteps", table.timesteps, persistent=False)
         self.register_buffer("coefs", table.coefs, persistent=False)
         self.clip = table.clip
+        self.method = table.method
         self.model_dtype = model_dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def forward(self, x_t, step_index, noise=None, rng=None, class_labels=None) -> torch.Tensor:
+    def forward(self, x_t, step_index, noise=None, rng=None, class_labels=None, history=None) -> torch.Tensor:
+        if self.method.startswith("sde") and noise is None and rng is None:
+            raise ValueError(f"noise: the {self.method} step draws noise; pass noise or rng")
         t = self.timesteps.index_select(0, step_index.reshape(1)).expand(x_t.shape[0])
         x_in = x_t.to(dtype=self.model_dtype, memory_format=self.memory_format)
         eps = self.model(x_in, t) if class_labels is None else self.model(x_in, t, class_labels)
-        x_prev, _ = ops.sampler_step(x_t, eps, step_index, self.coefs, noise=noise, rng=rng, clip_range=self.clip)
+        x_prev, _ = ops.sampler_step(x_t, eps, step_index, self.coefs, noise=noise, rng=rng, clip_range=self.clip,
+                                     history=history)  # fmt: skip
         return x_prev
 
 
@@ -84,8 +91,9 @@ class DiffusersEps(nn.Module):
 
 class Sampler:
     """The accelerated sampler. ``schedule``: a NoiseSchedule (default: linear, T=1000) turned
-    into a table by ``method``/``steps``/``eta`` as :func:`fastdiff.schedule.step_table` does,
-    or a ready StepTable. ``compile``/``cuda_graphs``: True, False or "auto" (compile
+    into a table by ``method``/``steps``/``eta``/``order`` as :func:`fastdiff.schedule.step_table`
+    does (``method="dpmsolver++"`` or ``"sde-dpmsolver++"`` with ``order`` 1-3: DPM-Solver++
+    multistep), or a ready StepTable. ``compile``/``cuda_graphs``: True, False or "auto" (compile
     everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": for
     half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
 
@@ -97,6 +105,7 @@ class Sampler:
         method: str = "ddpm",
         steps: int | None = None,
         eta: float = 0.0,
+        order: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         compile: bool | str = AUTO,
@@ -114,7 +123,7 @@ class Sampler:
                 raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
         self.device = _resolve_device(device if device is not None else _model_device(model))
         self.dtype = dtype
-        self.table = _make_table(schedule, method, steps, eta).to(self.device)
+        self.table = _make_table(schedule, method, steps, eta, order).to(self.device)
         self.image_shape = tuple(image_shape) if image_shape is not None else _image_shape(model)
         self.class_conditioned = _class_conditioned(model)
         self.kernels = backend.kernel_path(self.device)
@@ -225,7 +234,8 @@ class Sampler:
         return x_T.to(self.device), None, rng.to(self.device)
 
     def _key(self, x_T, class_labels, noise_mode: str) -> GraphKey:
-        return GraphKey(x_T.shape[0], tuple(x_T.shape[1:]), self.dtype, class_labels is not None, noise_mode)
+        return GraphKey(x_T.shape[0], tuple(x_T.shape[1:]), self.dtype, class_labels is not None, noise_mode,
+                        self.table.history_size)  # fmt: skip
 
     def _prepare(self, key: GraphKey) -> None:
         """Compile (first call of the compiled step) and capture for ``key``, once. What was
@@ -244,7 +254,7 @@ class Sampler:
                 labels = index.new_zeros(key.batch) if key.class_conditioned else None
                 noise = torch.zeros_like(x) if key.noise == "given" else None
                 rng = index.new_zeros(2) if key.noise == "philox" else None
-                self._step(x, index, noise, rng, labels)
+                self._step(x, index, noise, rng, labels, self.table.new_history(x.shape, self.device))
         except Exception as e:  # any compiler or capture failure; re-raised unless "auto"
             failure = f"{type(e).__name__}: {e}"
             if self.compiled and self._compile_mode == AUTO:
@@ -267,22 +277,25 @@ class Sampler:
 
             steps = tqdm(steps, desc=f"{self.table.method} sampling", unit="step")
         step_index = torch.zeros((), dtype=torch.int64, device=self.device)
+        history = self.table.new_history(x.shape, self.device)
         for i in steps:
             step_index.fill_(i)
-            x = self._step(x, step_index, None if z is None else z[i], rng, class_labels)
+            x = self._step(x, step_index, None if z is None else z[i], rng, class_labels, history)
         return x
 
 
-def _make_table(schedule, method: str, steps, eta) -> StepTable:
+def _make_table(schedule, method: str, steps, eta, order) -> StepTable:
     if isinstance(schedule, StepTable):
-        if (method, steps, eta) != ("ddpm", None, 0.0):
-            raise ValueError("pass method/steps/eta or a ready StepTable as schedule, not both")
+        if (method, steps, eta, order) != ("ddpm", None, 0.0, None):
+            raise ValueError("pass method/steps/eta/order or a ready StepTable as schedule, not both")
         return schedule
     if schedule is None:
         schedule = linear_schedule()
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, a StepTable or None, got {type(schedule).__name__}")
-    return step_table(schedule, method, steps=steps, eta=eta)
+    if order is not None and not method.endswith("dpmsolver++"):
+        raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
+    return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order)
 
 
 def _resolve_device(device) -> torch.device:

@@ -104,6 +104,7 @@ def sample_reference(
 
     table = table.to(device)
     x = noise.x_T
+    history = table.new_history(x.shape, device)
     trajectory = [x] if return_trajectory else None
     steps = range(table.num_steps)
     if progress:
@@ -118,7 +119,8 @@ def sample_reference(
                 got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
                 raise ValueError(f"model must return eps shaped like x {tuple(x.shape)}, got {got}")
             step_index = torch.tensor(i, dtype=torch.int64, device=device)
-            x, _ = reference.sampler_step(x, eps, step_index, table.coefs, noise=noise.z[i], clip_range=table.clip)
+            x, _ = reference.sampler_step(x, eps, step_index, table.coefs, noise=noise.z[i], clip_range=table.clip,
+                                          history=history)
             if trajectory is not None:
                 trajectory.append(x)
     if trajectory is not None:

@@ -8,6 +8,9 @@ DDPM (Ho et al. Algorithm 2 or the diffusers form) and DDIM are the same update:
     mean   = c[2] * x0 + c[3] * x_t + c[4] * eps
     x_prev = mean + c[5] * z                          (c[5] = sigma_t; 0 at the last step)
 
+Multistep tables (DPM-Solver++, :mod:`fastdiff.dpmsolver`) append one column per previous data
+prediction h[k] the step reads, x_prev += c[6 + k] * h[k]; DDPM/DDIM are the zero-history case.
+
 Tables are computed in float64 and stored as float32 device tensors indexed by step, so a
 CUDA graph replays them by updating only a device step index.
 """
@@ -21,7 +24,7 @@ import torch
 SCHEDULES = ("linear", "cosine")
 DDPM_VARIANCES = ("fixed_large", "fixed_small")
 DDPM_FORMS = ("ho", "diffusers")
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
 
 #: Column order of :attr:`StepTable.coefs`.
 STEP_COLUMNS = ("x0_from_xt", "x0_from_eps", "mean_from_x0", "mean_from_xt", "mean_from_eps", "sigma")
@@ -123,6 +126,17 @@ class StepTable:
     @property
     def num_steps(self) -> int:
         return self.timesteps.shape[0]
+
+    @property
+    def history_size(self) -> int:
+        """Previous data predictions each step reads (multistep solvers; 0 for DDPM/DDIM)."""
+        return self.coefs.shape[1] - len(STEP_COLUMNS)
+
+    def new_history(self, shape, device=None) -> torch.Tensor | None:
+        """The zeroed (history_size, *shape) float32 buffer a run starts from; None if no history."""
+        if self.history_size == 0:
+            return None
+        return torch.zeros((self.history_size, *shape), dtype=torch.float32, device=device)
 
     def to(self, device) -> "StepTable":
         return StepTable(self.method, self.timesteps.to(device), self.coefs.to(device), self.clip)
@@ -228,8 +242,15 @@ def step_table(
     eta: float = 0.0,
     variance: str = "fixed_large",
     clip_sample: bool | None = None,
+    order: int = 2,
 ) -> StepTable:
-    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form) or ``"ddim"``."""
+    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, or
+    DPM-Solver++ of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"`` (20 steps by default,
+    diffusers' defaults otherwise: see :func:`fastdiff.dpmsolver.dpmsolver_table`)."""
+    if method in ("dpmsolver++", "sde-dpmsolver++"):
+        from fastdiff.dpmsolver import dpmsolver_table
+
+        return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method)
     if method == "ddpm":
         return ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
     if method == "ddim":

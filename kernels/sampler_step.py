@@ -3,7 +3,12 @@
 One update of the :class:`fastdiff.schedule.StepTable` form::
 
     x0     = c0 * x_t - c1 * eps            (clamped to [-clip, clip] when CLIP)
-    x_prev = c2 * x0 + c3 * x_t + c4 * eps + c5 * z
+    x_prev = c2 * x0 + c3 * x_t + c4 * eps + c5 * z + sum_k c[6 + k] * h[k]   (k < HISTORY)
+    h      = (x0, h[0], ...)                (HISTORY > 0: written back in place)
+
+HISTORY (0, 1 or 2, a constexpr) is the number of previous data predictions a multistep solver
+(DPM-Solver++) reads; the table's rows are 6 + HISTORY wide. Each thread reads its elements of
+h[0..HISTORY) and writes them shifted, so the in-place update needs no other synchronisation.
 
 The step index is read from device memory and the coefficient row is loaded in-kernel, so a
 CUDA graph replays every step by updating one int64 on the device. z is a given tensor, Philox
@@ -49,7 +54,9 @@ def sampler_step_kernel(
     coefs_ptr,  # (S, 6) float32 table; one row of six scalars per program, kept in registers
     x_prev_ptr,  # (B, N) output x_{t-1}, x_t's dtype
     x0_ptr,  # (B, N) output x0 prediction (after the clamp), x_t's dtype; unused unless WRITE_X0
+    history_ptr,  # (HISTORY, B, N) previous x0 predictions, newest first, read then shifted in place
     n_per_sample,
+    history_stride,  # B * N: elements between history entries
     num_steps,
     clip_range,
     BLOCK: tl.constexpr,
@@ -57,13 +64,14 @@ def sampler_step_kernel(
     CLIP: tl.constexpr,
     WRITE_X0: tl.constexpr,
     SAMPLE_BASE: tl.constexpr,  # the noise key's sample word is rng[2] + the sample's index in the batch
+    HISTORY: tl.constexpr,
 ):
     sample, element, mask, offsets = sample_block(n_per_sample, BLOCK)
 
     step = tl.load(step_ptr)
     step_ok = (step >= 0) & (step < num_steps)
     tl.device_assert(step_ok, "step_index out of range")
-    row = coefs_ptr + step * 6
+    row = coefs_ptr + step * (6 + HISTORY)
     c0 = tl.load(row + 0, mask=step_ok, other=float("nan"))
     c1 = tl.load(row + 1, mask=step_ok, other=float("nan"))
     c2 = tl.load(row + 2, mask=step_ok, other=float("nan"))
@@ -85,6 +93,16 @@ def sampler_step_kernel(
         offset = tl.load(rng_ptr + 1)
         key_sample = sample + tl.load(rng_ptr + 2) if SAMPLE_BASE else sample
         x_prev += c5 * philox_normal(seed, element, key_sample, offset, step)
+    if HISTORY >= 1:
+        c6 = tl.load(row + 6, mask=step_ok, other=float("nan"))
+        h0 = tl.load(history_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x_prev += c6 * h0
+        if HISTORY == 2:
+            c7 = tl.load(row + 7, mask=step_ok, other=float("nan"))
+            h1_ptr = history_ptr + history_stride + offsets
+            x_prev += c7 * tl.load(h1_ptr, mask=mask, other=0.0).to(tl.float32)
+            tl.store(h1_ptr, h0.to(history_ptr.dtype.element_ty), mask=mask)
+        tl.store(history_ptr + offsets, x0.to(history_ptr.dtype.element_ty), mask=mask)
 
     tl.store(x_prev_ptr + offsets, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
@@ -106,13 +124,15 @@ def sampler_step(
     noise: torch.Tensor | None = None,
     rng: torch.Tensor | None = None,
     clip_range: float | None = None,
+    history: torch.Tensor | None = None,
     *,
     write_x0: bool = True,
     block: int = BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch on already-validated arguments; returns (x_prev, x0), x0 None unless write_x0.
 
-    Outputs are contiguous in x_t's dtype; non-contiguous inputs are copied contiguous first.
+    Outputs are contiguous in x_t's dtype; non-contiguous inputs are copied contiguous first
+    (except ``history``, (K, *x_t.shape), contiguous, which is updated in place).
     ``block`` (a power of two) exists for tests: large blocks cut the interpreter's program count.
     """
     batch = x_t.shape[0]
@@ -131,9 +151,11 @@ def sampler_step(
         noise.contiguous() if mode == "given" else x_t,  # never read unless given
         rng if mode == "philox" else step_index,  # never read unless philox
         step_index, coefs.contiguous(), x_prev, x0 if write_x0 else x_prev,
-        n_per_sample, coefs.shape[0], 0.0 if clip_range is None else float(clip_range),
+        history if history is not None else x_prev,  # never touched unless HISTORY > 0
+        n_per_sample, x_t.numel(), coefs.shape[0], 0.0 if clip_range is None else float(clip_range),
         BLOCK=block, NOISE=mode, CLIP=clip_range is not None, WRITE_X0=write_x0,
         SAMPLE_BASE=mode == "philox" and rng.numel() == 3,
+        HISTORY=0 if history is None else history.shape[0],
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return x_prev, x0
@@ -142,21 +164,25 @@ def sampler_step(
 def aot_specs():
     """The configs the launcher picks: each dtype (x_t, eps and noise alike) x noise mode x
     clamp, writing x0 as the op does; plus an fp32 sample with a bf16 model output (autocast
-    sampling) and an x0-less Philox step. Other dtype mixes compile the same code."""
+    sampling) and an x0-less Philox step; and the multistep (DPM-Solver++) steps the sampler
+    runs: fp32 x_t and history, fp32 or bf16 model output, 1 or 2 history entries, no noise
+    (ODE form) or noise (SDE form). Other dtype mixes compile the same code."""
     from fastdiff.kernels.aot import AotSpec
 
     def spec(dtype: str, mode: str, clip: bool, write_x0: bool = True, eps_dtype: str | None = None,
-             sample_base: bool = False) -> AotSpec:  # fmt: skip
+             sample_base: bool = False, history: int = 0) -> AotSpec:  # fmt: skip
         eps_dtype = eps_dtype or dtype
-        constexprs = {"BLOCK": BLOCK, "NOISE": mode, "CLIP": clip, "WRITE_X0": write_x0, "SAMPLE_BASE": sample_base}
+        constexprs = {"BLOCK": BLOCK, "NOISE": mode, "CLIP": clip, "WRITE_X0": write_x0, "SAMPLE_BASE": sample_base,
+                      "HISTORY": history}  # fmt: skip
         signature = {
             "x_ptr": f"*{dtype}", "eps_ptr": f"*{eps_dtype}", "noise_ptr": f"*{dtype}", "rng_ptr": "*i64",
             "step_ptr": "*i64", "coefs_ptr": "*fp32", "x_prev_ptr": f"*{dtype}", "x0_ptr": f"*{dtype}",
-            "n_per_sample": "i32", "num_steps": "i32", "clip_range": "fp32",
-            **{name: "constexpr" for name in constexprs},
+            "history_ptr": f"*{dtype}", "n_per_sample": "i32", "history_stride": "i32", "num_steps": "i32",
+            "clip_range": "fp32", **{name: "constexpr" for name in constexprs},
         }  # fmt: skip
         name = f"sampler_step_{dtype}" + (f"_eps_{eps_dtype}" if eps_dtype != dtype else "") + f"_{mode}"
         name += ("_clip" if clip else "") + ("" if write_x0 else "_no_x0") + ("_sample_base" if sample_base else "")
+        name += f"_history{history}" if history else ""
         return AotSpec(name, sampler_step_kernel, signature, constexprs, NUM_WARPS, NUM_STAGES)
 
     specs = [
@@ -165,4 +191,8 @@ def aot_specs():
     specs.append(spec("fp32", "philox", clip=True, eps_dtype="bf16"))
     specs.append(spec("fp32", "philox", clip=True, write_x0=False))
     specs.append(spec("fp32", "philox", clip=False, sample_base=True))  # shards keyed by global image index
+    specs += [
+        spec("fp32", mode, clip=False, eps_dtype=eps_dtype, history=history)
+        for history in (1, 2) for mode in NOISE_MODES for eps_dtype in ("fp32", "bf16")
+    ]  # fmt: skip
     return specs

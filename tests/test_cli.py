@@ -61,6 +61,15 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
     assert difference.max() <= 1  # uint8 rounding of values that agree to ~1e-6
 
 
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m-sde"])
+def test_sample_with_dpm_solver(tmp_path, capsys, sampler):
+    out = tmp_path / "out"
+    assert main(["sample", "--config", "tiny", "--sampler", sampler, "--steps", "3", "--batch", "2", "--no-progress",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert f"sampler: {sampler}, 3 steps" in capsys.readouterr().out
+    assert _images(out).shape == (2, 16, 16, 3)
+
+
 def _tiny(*extra: str) -> list[str]:
     return [*TINY_SAMPLE, *extra]
 
@@ -74,6 +83,8 @@ BAD_SAMPLE_ARGS = {
     "negative eta": (_tiny("--eta", "-0.1"), "--eta: must be >= 0"),
     "nan eta": (_tiny("--eta", "nan"), "--eta: must be a finite number"),
     "eta with ddpm": (_tiny("--sampler", "ddpm", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
+    "eta with dpm++": (_tiny("--sampler", "dpm++2m", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
+    "order above steps": (_tiny("--sampler", "dpm++3m", "--steps", "2"), "order 3 needs at least 3 steps"),
     "batch 0": (_tiny("--batch", "0"), "--batch: must be >= 1"),
     "unknown device": (_tiny("--device", "tpu"), "--device must be cpu, cuda"),
     "unknown preset": (["sample", "--config", "huge"], "invalid choice: 'huge'"),
@@ -142,10 +153,10 @@ def test_help_does_not_import_torch():
 
 
 def test_cli_sampler_names_are_the_schedules():
-    from fastdiff.commands import SAMPLERS
+    from fastdiff.commands import SAMPLER_METHODS
     from fastdiff.schedule import METHODS
 
-    assert SAMPLERS == METHODS
+    assert {method for method, _ in SAMPLER_METHODS.values()} == set(METHODS)
 
 
 def test_runtime_failure_is_one_line_and_exit_2(monkeypatch, capsys):

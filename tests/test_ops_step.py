@@ -7,10 +7,13 @@ from helpers import assert_close, count_launches
 import fastdiff.kernels.sampler_step as step_kernel
 from fastdiff import reference
 from fastdiff.ops import sampler_step
+from fastdiff.dpmsolver import dpmsolver_table
 from fastdiff.schedule import ddim_table, ddpm_table, linear_schedule
 
 SCHEDULE = linear_schedule()
 TABLE = ddpm_table(SCHEDULE, steps=10, form="diffusers")
+#: DPM-Solver++(3M) SDE: two history columns and noise.
+MULTISTEP = dpmsolver_table(SCHEDULE, steps=10, order=3, algorithm="sde-dpmsolver++")
 SHAPE = (3, 3, 7, 5)
 
 
@@ -75,6 +78,23 @@ def test_cpu_step_index_out_of_range_raises(route, step, mode):
         sampler_step(x_t, eps, torch.tensor(step), TABLE.coefs, **NOISE_ARGS[mode](noise))
 
 
+@pytest.mark.parametrize("mode", NOISE_ARGS)
+def test_history_matches_reference_and_is_updated_in_place(route, launches, mode):
+    x_t, eps, noise = make_inputs()
+    extra = NOISE_ARGS[mode](noise)
+    history = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(2))
+    ref_history = history.clone()
+    buffer = history.data_ptr()
+    x_prev, x0 = sampler_step(x_t, eps, torch.tensor(6), MULTISTEP.coefs, history=history, **extra)
+    ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(6), MULTISTEP.coefs, history=ref_history, **extra)
+    assert_close(x_prev, ref_prev)
+    assert_close(x0, ref_x0)
+    assert history.data_ptr() == buffer
+    assert_close(history, ref_history)
+    assert torch.equal(history[0], x0)
+    assert len(launches) == (1 if route == "interpreted" else 0)
+
+
 # ---------------------------------------------------------------- bad arguments
 
 
@@ -111,7 +131,36 @@ BAD_ARGUMENTS = [
     ("clip_range", float("nan"), ValueError),
     ("clip_range", "1", TypeError),
     ("step_index", torch.tensor(1, device="meta"), RuntimeError),
+    ("history", torch.zeros((1, *SHAPE)), ValueError),  # a DDPM table has no history columns
 ]
+
+
+def _valid_multistep_args():
+    return {**_valid_args(), "coefs": MULTISTEP.coefs, "history": MULTISTEP.new_history(SHAPE)}
+
+
+BAD_HISTORIES = [
+    (None, ValueError),
+    (torch.zeros((1, *SHAPE)), ValueError),
+    (torch.zeros((2, 3, 3, 7, 4)), ValueError),
+    (torch.zeros(SHAPE), ValueError),
+    (torch.zeros((2, *SHAPE), dtype=torch.float64), TypeError),
+    (torch.zeros((2, 3, 3, 7, 10))[..., ::2], ValueError),
+    (torch.zeros((2, *SHAPE), device="meta"), RuntimeError),
+    ([[0.0]], TypeError),
+]
+
+
+@pytest.mark.parametrize("value, error", BAD_HISTORIES, ids=[f"history-{i}" for i in range(len(BAD_HISTORIES))])
+def test_bad_history_raises_naming_it(value, error):
+    with pytest.raises(error, match=r"^history\b"):
+        sampler_step(**{**_valid_multistep_args(), "history": value})
+
+
+def test_coefs_with_too_many_history_columns_raise():
+    coefs = torch.zeros(10, 9)
+    with pytest.raises(ValueError, match=r"^coefs must have shape \(S, 6 \+ K\)"):
+        sampler_step(**{**_valid_multistep_args(), "coefs": coefs, "history": torch.zeros((3, *SHAPE))})
 
 
 @pytest.mark.parametrize(
@@ -133,6 +182,30 @@ def test_opcheck(dtype, mode):
     extra = NOISE_ARGS[mode](noise)
     args = (x_t, eps, torch.tensor(3), TABLE.coefs, extra.get("noise"), extra.get("rng"), TABLE.clip)
     torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)
+    history = torch.randn((2, *x_t.shape)).to(dtype)
+    args = (x_t, eps, torch.tensor(3), MULTISTEP.coefs, extra.get("noise"), extra.get("rng"), None, history)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step.default, args)
+
+
+@pytest.mark.parametrize("mode", NOISE_ARGS)
+def test_multistep_compiles_without_graph_breaks(route, launches, mode):
+    x_t, eps, noise = make_inputs()
+    extra = NOISE_ARGS[mode](noise)
+
+    def step(x_t, eps, step_index, history):
+        x_prev, _ = sampler_step(x_t, eps, step_index, MULTISTEP.coefs, history=history, **extra)
+        return x_prev
+
+    torch._dynamo.reset()
+    history = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(5))
+    explanation = torch._dynamo.explain(step)(x_t, eps, torch.tensor(5), history.clone())
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled_history, eager_history = history.clone(), history.clone()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x_t, eps, torch.tensor(5), compiled_history)
+    eager = step(x_t, eps, torch.tensor(5), eager_history)
+    assert_close(compiled, eager)
+    assert_close(compiled_history, eager_history)
+    assert not torch.equal(compiled_history, history)  # the mutation reached the caller's buffer
 
 
 @pytest.mark.parametrize("mode", NOISE_ARGS)

@@ -144,6 +144,7 @@ _NOISE_SOURCES = (
     "diffusers.pipelines.ddim.pipeline_ddim",
     "diffusers.schedulers.scheduling_ddpm",
     "diffusers.schedulers.scheduling_ddim",
+    "diffusers.schedulers.scheduling_dpmsolver_multistep",
 )
 
 
@@ -192,12 +193,22 @@ def injected_class_labels(unet2d, class_labels):
 
 
 def make_pipeline(unet2d, table, schedule):
-    """DDPMPipeline or DDIMPipeline whose scheduler computes the update that ``table`` encodes.
+    """DDPMPipeline or DDIMPipeline whose scheduler computes the update that ``table`` encodes
+    (for DPM-Solver++ tables, a DDPMPipeline with a DPMSolverMultistepScheduler of the same
+    order and form, diffusers' defaults otherwise as in :func:`fastdiff.dpmsolver.dpmsolver_table`).
 
     The schedule's betas are handed over as ``trained_betas``, so any fastdiff schedule maps exactly.
     """
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
+    if table.history_size or table.method.endswith("dpmsolver++"):
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.float().tolist(),
+            solver_order=table.history_size + 1, algorithm_type=table.method,
+        )
+        pipe = DDPMPipeline(unet=unet2d, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     common = dict(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.float().tolist(),
                   clip_sample=table.clip is not None, clip_sample_range=table.clip or 1.0)
     if table.method == "ddpm":

@@ -20,10 +20,10 @@ import torch
 from fastdiff.bench import environment, roofline
 from fastdiff.bench.paths import PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
 from fastdiff.bench.telemetry import Telemetry, summarize
+from fastdiff.commands import SAMPLERS, sampler_kwargs
 from fastdiff.sampling import draw_noise
 from fastdiff.schedule import make_schedule, step_table
 
-SAMPLERS = ("ddpm", "ddim")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEMA = "fastdiff-bench/1"
 
@@ -244,7 +244,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
     schedule = make_schedule(info.schedule, info.num_timesteps)
     if settings.steps > schedule.num_timesteps:
         raise ValueError(f"steps must be at most T = {schedule.num_timesteps} for this model, got {settings.steps}")
-    table = step_table(schedule, settings.sampler, steps=settings.steps)
+    table = step_table(schedule, steps=settings.steps, **sampler_kwargs(settings.sampler))
     cfg = info.config
 
     env = environment.collect(device)

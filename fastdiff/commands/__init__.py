@@ -99,8 +99,29 @@ def unit_interval_float(text: str) -> float:
 
 #: Random-init presets a command can take with --config instead of a model folder.
 PRESETS = ("default", "cifar10", "tiny")
-#: fastdiff.schedule.METHODS, restated so that `fastdiff COMMAND --help` needs no torch import.
-SAMPLERS = ("ddpm", "ddim")
+#: --sampler name -> (fastdiff.schedule method, DPM-Solver++ order or None); restated here so
+#: that `fastdiff COMMAND --help` needs no torch import.
+SAMPLER_METHODS = {
+    "ddpm": ("ddpm", None),
+    "ddim": ("ddim", None),
+    "dpm++2m": ("dpmsolver++", 2),
+    "dpm++3m": ("dpmsolver++", 3),
+    "dpm++2m-sde": ("sde-dpmsolver++", 2),
+    "dpm++3m-sde": ("sde-dpmsolver++", 3),
+}
+SAMPLERS = tuple(SAMPLER_METHODS)
+#: Default --steps: DDIM 50, DPM-Solver++ 20 (diffusers' usual settings); DDPM runs all T.
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20}
+
+
+def sampler_kwargs(name: str) -> dict:
+    """--sampler name -> keyword arguments of fastdiff.schedule.step_table / fastdiff.Sampler."""
+    method, order = SAMPLER_METHODS[name]
+    return {"method": method} if order is None else {"method": method, "order": order}
+
+
+def default_steps(name: str, num_timesteps: int) -> int:
+    return DEFAULT_STEPS.get(SAMPLER_METHODS[name][0], num_timesteps)
 
 
 def load_model_arg(args: argparse.Namespace, device: str):

@@ -6,7 +6,7 @@ import datetime
 import re
 from pathlib import Path
 
-from fastdiff.commands import UsageError, positive_int, seed_int
+from fastdiff.commands import SAMPLERS, UsageError, positive_int, seed_int
 
 PATH_NAMES = ("reference", "compile", "fastdiff", "diffusers")
 
@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", metavar="N", nargs="+", type=_int_list,
                         help="batch sizes, e.g. --batch 1 4 16 (default: 1 8 on CPU, 1 16 64 on GPU)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: 10 on CPU, 50 on GPU)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="default: %(default)s")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="precision of the compile/fastdiff/diffusers paths; the reference is always "
                              "float32 (default: %(default)s)")

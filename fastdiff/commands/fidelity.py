@@ -6,7 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from fastdiff.commands import SAMPLERS, UsageError, positive_int, resolve_device, seed_int
+from fastdiff.commands import (
+    SAMPLERS, UsageError, default_steps, positive_int, resolve_device, sampler_kwargs, seed_int,
+)
 
 DEFAULT_DDIM_STEPS = 50
 QUICK_SAMPLES, QUICK_DDIM_STEPS = 48, 10
@@ -19,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a 1x16x16 model folder (default: the built-in digits model)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
     parser.add_argument("--steps", type=positive_int,
-                        help=f"sampling steps (default: {DEFAULT_DDIM_STEPS} for ddim, T for ddpm)")
+                        help=f"sampling steps (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++*, T for ddpm)")
     parser.add_argument("-n", "--num-samples", type=positive_int, default=1000,
                         help="samples per set (three sets are drawn; default: %(default)s)")
     parser.add_argument("--chunk", type=positive_int, default=250, help="samples per sampler call (default: %(default)s)")
@@ -57,15 +59,17 @@ def run(args: argparse.Namespace) -> int:
     if shape != fidelity.FEATURE_IMAGE_SHAPE or config.num_classes:
         raise UsageError(f"fidelity needs an unconditional model of 1x16x16 digits; {info.description} makes {shape}")
     schedule = make_schedule(info.schedule, info.num_timesteps)
-    default_steps = QUICK_DDIM_STEPS if args.quick else DEFAULT_DDIM_STEPS
-    steps = args.steps or (default_steps if args.sampler == "ddim" else schedule.num_timesteps)
+    quick_ddim = args.quick and args.sampler == "ddim"
+    steps = args.steps or (QUICK_DDIM_STEPS if quick_ddim else default_steps(args.sampler, schedule.num_timesteps))
     if steps > schedule.num_timesteps:
         raise UsageError(f"--steps {steps}: must be at most T = {schedule.num_timesteps}")
-    table = step_table(schedule, args.sampler, steps=steps)
+    try:
+        table = step_table(schedule, steps=steps, **sampler_kwargs(args.sampler))
+    except ValueError as e:  # e.g. an order the step count cannot support
+        raise UsageError(f"--sampler {args.sampler} --steps {steps}: {e}") from None
     progress = not args.no_progress
 
-    accelerated = Sampler(model, schedule, method=args.sampler, steps=steps, device=device,
-                          compile=False if args.no_compile else "auto")
+    accelerated = Sampler(model, table, device=device, compile=False if args.no_compile else "auto")
 
     def reference(batch: int, seed: int) -> torch.Tensor:
         return sample_reference(model, table, (batch, *shape), seed=seed, device=device, progress=progress)

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from fastdiff.commands import (
-    PRESETS, SAMPLERS, UsageError, load_model_arg, non_negative_float, positive_int, resolve_device, seed_int,
+    PRESETS, SAMPLERS, UsageError, default_steps, load_model_arg, non_negative_float, positive_int, resolve_device,
+    sampler_kwargs, seed_int,
 )
 
 DEFAULT_DDIM_STEPS = 50
@@ -23,10 +24,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="model folder with config.json + model.safetensors (default: the built-in model)",
     )
     source.add_argument("--config", choices=PRESETS, help="sample a random-init model of this preset instead")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help="ddpm, ddim, or DPM-Solver++ multistep of order 2/3, deterministic or SDE "
+                             "(default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--steps", type=positive_int,
-        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, T for ddpm)",
+        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++*, T for ddpm)",
     )
     parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
     parser.add_argument("--batch", type=positive_int, default=16, help="number of images (default: %(default)s)")
@@ -114,12 +117,16 @@ def load_model_and_table(args: argparse.Namespace, device: str):
 
     model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)
-    steps = args.steps or (DEFAULT_DDIM_STEPS if args.sampler == "ddim" else schedule.num_timesteps)
+    steps = args.steps or default_steps(args.sampler, schedule.num_timesteps)
     if steps > schedule.num_timesteps:
         raise UsageError(f"--steps {steps}: must be at most T = {schedule.num_timesteps} for this model")
     if info.config.out_channels != info.config.in_channels:
         raise UsageError("the model predicts more channels than it takes: only eps-prediction models can be sampled")
-    return model, info, step_table(schedule, args.sampler, steps=steps, eta=args.eta or 0.0)
+    try:
+        table = step_table(schedule, steps=steps, eta=args.eta or 0.0, **sampler_kwargs(args.sampler))
+    except ValueError as e:  # e.g. an order the step count cannot support
+        raise UsageError(f"--sampler {args.sampler} --steps {steps}: {e}") from None
+    return model, info, table
 
 
 def run_sharded(args: argparse.Namespace, device: str) -> int:

@@ -19,7 +19,9 @@ import math
 import time
 from pathlib import Path
 
-from fastdiff.commands import PRESETS, SAMPLERS, load_model_arg, positive_int, resolve_device, seed_int
+from fastdiff.commands import (
+    PRESETS, SAMPLERS, load_model_arg, positive_int, resolve_device, sampler_kwargs, seed_int,
+)
 
 FP32_MAX_ABS = 1e-4
 HALF_MIN_PSNR_DB = 30.0
@@ -59,6 +61,7 @@ def fp64_trajectory(model, table, noise, class_labels=None):
 
     model64 = copy.deepcopy(model).double().eval()
     x = noise.x_T.double()
+    history = [torch.zeros_like(x)] * table.history_size  # multistep: previous x0, newest first
     with torch.no_grad():
         for i, c in enumerate(table.coefs.double().to(x.device)):
             t = table.timesteps[i].to(x.device).expand(x.shape[0])
@@ -66,6 +69,8 @@ def fp64_trajectory(model, table, noise, class_labels=None):
             x0 = c[0] * x - c[1] * eps
             x0 = x0 if table.clip is None else x0.clamp(-table.clip, table.clip)
             x = c[2] * x0 + c[3] * x + c[4] * eps + c[5] * noise.z[i].double()
+            x = x + sum((c[6 + k] * h for k, h in enumerate(history)), torch.zeros_like(x))
+            history = [x0, *history[:-1]] if history else history
     return x
 
 
@@ -84,15 +89,20 @@ def run(args: argparse.Namespace) -> int:
 
     from fastdiff.sampler import Sampler
     from fastdiff.sampling import draw_noise, sample_reference
-    from fastdiff.schedule import ddim_table, ddpm_table, make_schedule
+    from fastdiff.schedule import ddim_table, ddpm_table, make_schedule, step_table
 
     model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)
     clip = not args.no_clip
     if args.sampler == "ddpm":
         table = ddpm_table(schedule, steps=args.steps, clip_sample=clip)
-    else:
+    elif args.sampler == "ddim":
         table = ddim_table(schedule, steps=args.steps or 50, clip_sample=clip)
+    else:  # DPM-Solver++: diffusers has no x0 clipping for it
+        try:
+            table = step_table(schedule, steps=args.steps or 20, **sampler_kwargs(args.sampler))
+        except ValueError as e:
+            raise UsageError(f"--sampler {args.sampler}: {e}") from None
     config = info.config
     shape = (args.batch, config.in_channels, config.image_size, config.image_size)
     labels = torch.arange(args.batch, device=device) % config.num_classes if config.num_classes else None

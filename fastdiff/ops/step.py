@@ -1,4 +1,5 @@
-"""``fastdiff::sampler_step``: one fused sampler update (x0, clamp, posterior mean, noise).
+"""``fastdiff::sampler_step``: one fused sampler update (x0, clamp, posterior mean, noise,
+and for multistep solvers the history of previous data predictions, updated in place).
 
 Semantics are :func:`fastdiff.reference.sampler_step`; the kernel is
 :mod:`fastdiff.kernels.sampler_step`. No value of a CUDA tensor is read on the host, so the op
@@ -18,6 +19,8 @@ from fastdiff.ops._checks import check_index_values, check_rng, check_same_devic
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 NUM_COEFS = 6  # columns of fastdiff.schedule.STEP_COLUMNS
+#: Previous data predictions a step may read (DPM-Solver++ of order 3 reads two).
+MAX_HISTORY = 2
 
 
 def sampler_step(
@@ -28,16 +31,20 @@ def sampler_step(
     noise: torch.Tensor | None = None,
     rng: torch.Tensor | None = None,
     clip_range: float | None = None,
+    history: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x_prev, x0) in x_t's dtype for row ``coefs[step_index]`` of a StepTable.
 
     x_t, eps (and noise): (B, ...) float tensors of one shape; step_index: one-element integer
-    tensor on x_t's device; coefs: (S, 6) float32. Noise is ``noise`` if given, else Philox
+    tensor on x_t's device; coefs: (S, 6 + K) float32. Noise is ``noise`` if given, else Philox
     keyed by (element in sample, sample, rng[1], step_index) with key rng[0] if ``rng`` (int64
     [seed, offset], or [seed, offset, first sample] to number the samples from rng[2]) is
     given, else none. ``clip_range``: clamp x0 to [-clip_range, clip_range].
+    ``history``: (K, *x_t.shape) float buffer of the K previous data predictions (newest first),
+    required exactly when K > 0 (multistep tables); the step adds ``coefs[6 + k] * history[k]``
+    and shifts x0 into it in place. Start it zeroed: unused entries are multiplied by 0.
     """
-    _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range)
+    _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
     if x_t.numel() == 0:
         return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)
     draws_philox = noise is None and rng is not None
@@ -45,11 +52,11 @@ def sampler_step(
         # Plain torch code that torch.compile can trace and fuse. Philox keying needs the seed
         # and step on the host, so that case runs the opaque op (the same reference, eagerly).
         check_index_values("step_index", step_index, coefs.shape[0])
-        return reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
-    return torch.ops.fastdiff.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
+        return reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
+    return torch.ops.fastdiff.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
 
 
-def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range) -> None:
+def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range, history) -> None:
     check_tensor("x_t", x_t)
     if x_t.dim() == 0:
         raise ValueError("x_t must have a leading sample dimension, got a 0-dim tensor")
@@ -59,14 +66,18 @@ def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range) -> None:
     if step_index.numel() != 1:
         raise ValueError(f"step_index must hold exactly one element, got shape {tuple(step_index.shape)}")
     check_tensor("coefs", coefs, dtypes=(torch.float32,), rank=2)
-    if coefs.shape[0] == 0 or coefs.shape[1] != NUM_COEFS:
-        raise ValueError(f"coefs must have shape (S, {NUM_COEFS}) with S >= 1, got {tuple(coefs.shape)}")
+    if coefs.shape[0] == 0 or not NUM_COEFS <= coefs.shape[1] <= NUM_COEFS + MAX_HISTORY:
+        raise ValueError(
+            f"coefs must have shape (S, {NUM_COEFS} + K) with S >= 1 and K history columns in "
+            f"0..{MAX_HISTORY}, got {tuple(coefs.shape)}"
+        )
+    _check_history(history, coefs.shape[1] - NUM_COEFS, x_t)
     if noise is not None:
         check_tensor("noise", noise)
         check_same_shape("x_t", x_t, noise=noise)
     if rng is not None:
         check_rng("rng", rng, first_sample=True)
-    check_same_device("x_t", x_t, eps=eps, step_index=step_index, coefs=coefs, noise=noise, rng=rng)
+    check_same_device("x_t", x_t, eps=eps, step_index=step_index, coefs=coefs, noise=noise, rng=rng, history=history)
     if clip_range is not None:
         if not isinstance(clip_range, (int, float)) or isinstance(clip_range, bool):
             raise TypeError(f"clip_range must be a float or None, got {type(clip_range).__name__}")
@@ -74,22 +85,40 @@ def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range) -> None:
             raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
 
 
+def _check_history(history, size: int, x_t) -> None:
+    if size == 0:
+        if history is not None:
+            raise ValueError("history was given but coefs has no history columns (shape (S, 6))")
+        return
+    if history is None:
+        raise ValueError(f"history is required: coefs has {size} history column(s); pass a zeroed "
+                         f"({size}, {', '.join(map(str, x_t.shape))}) buffer")  # fmt: skip
+    check_tensor("history", history)
+    if history.shape != (size, *x_t.shape):
+        raise ValueError(
+            f"history must have shape (K, *x_t.shape) = {(size, *x_t.shape)} for coefs with {size} history "
+            f"column(s), got {tuple(history.shape)}"
+        )
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous (the step updates it in place)")
+
+
 @torch.library.custom_op(
     "fastdiff::sampler_step",
-    mutates_args=(),
+    mutates_args=("history",),
     schema="(Tensor x_t, Tensor eps, Tensor step_index, Tensor coefs, Tensor? noise, Tensor? rng, "
-    "float? clip_range) -> (Tensor, Tensor)",
+    "float? clip_range, Tensor(a!)? history=None) -> (Tensor, Tensor)",
 )
-def _sampler_step_op(x_t, eps, step_index, coefs, noise, rng, clip_range):
+def _sampler_step_op(x_t, eps, step_index, coefs, noise, rng, clip_range, history=None):
     check_index_values("step_index", step_index, coefs.shape[0])
     if backend.kernel_path(x_t.device) == "reference":
-        x_prev, x0 = reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range)
+        x_prev, x0 = reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
         return x_prev.contiguous(), x0.contiguous()
     from fastdiff.kernels.sampler_step import sampler_step as launch
 
-    return launch(x_t, eps, step_index, coefs, noise, rng, clip_range)
+    return launch(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
 
 
 @_sampler_step_op.register_fake
-def _(x_t, eps, step_index, coefs, noise, rng, clip_range):
+def _(x_t, eps, step_index, coefs, noise, rng, clip_range, history=None):
     return x_t.new_empty(x_t.shape), x_t.new_empty(x_t.shape)

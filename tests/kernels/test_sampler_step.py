@@ -6,6 +6,7 @@ from helpers import DTYPES, ELEMENTWISE_SHAPES as SHAPES, TOLERANCES, assert_clo
 
 from fastdiff import reference
 from fastdiff.kernels import sampler_step as kernel
+from fastdiff.dpmsolver import dpmsolver_table
 from fastdiff.schedule import ddpm_table, linear_schedule
 
 #: Diffusers-form DDPM over 10 of 1000 steps: x0 clipped, sigma > 0 except at the last step.
@@ -120,6 +121,44 @@ def test_out_of_range_step_gives_nan_not_a_clamped_row(step):
     rng = torch.tensor([1, 2])
     x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(step), TABLE.coefs, rng=rng, clip_range=1.0)
     assert x_prev.isnan().all() and x0.isnan().all()
+
+
+# ---------------------------------------------------------------- multistep history (DPM-Solver++)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("algorithm, mode", [("dpmsolver++", "none"), ("sde-dpmsolver++", "given"),
+                                             ("sde-dpmsolver++", "philox")])  # fmt: skip
+@pytest.mark.parametrize("order", [2, 3])
+def test_history_steps_match_reference(shape, algorithm, mode, order):
+    """A whole multistep run: x_prev, x0 and the in-place history agree with the reference at
+    every step (each step starts both from the reference's state, so errors do not compound)."""
+    table = dpmsolver_table(linear_schedule(), steps=6, order=order, algorithm=algorithm)
+    x, eps, noise = make_inputs(shape, torch.float32)
+    noise_args = {"none": {}, "given": {"noise": noise}, "philox": {"rng": torch.tensor([5, 1])}}[mode]
+    history, ref_history = table.new_history(shape), table.new_history(shape)
+    for step in range(table.num_steps):
+        step_index = torch.tensor(step)
+        history.copy_(ref_history)
+        x_prev, x0 = kernel.sampler_step(x, eps, step_index, table.coefs, history=history, **noise_args)
+        x, ref_x0 = reference.sampler_step(x, eps, step_index, table.coefs, history=ref_history, **noise_args)
+        assert_close(x_prev, x, msg=f"x_prev, step {step}")
+        assert_close(x0, ref_x0, msg=f"x0, step {step}")
+        assert_close(history, ref_history, msg=f"history, step {step}")
+        assert torch.equal(history[0], x0)  # the newest data prediction went in first
+        eps = torch.sin(3 * x)  # a new model output per step
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_history_update_in_half_dtypes(dtype):
+    table = dpmsolver_table(linear_schedule(), steps=5, order=3)
+    x_t, eps, _ = make_inputs((3, 3, 7, 5), dtype)
+    history = torch.randn((2, 3, 3, 7, 5), generator=torch.Generator().manual_seed(4)).to(dtype)
+    ref_history = history.clone()
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=history)
+    ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=ref_history)
+    assert_close(x_prev, ref_prev)
+    assert_close(history, ref_history)
 
 
 # ---------------------------------------------------------------- in-kernel Philox noise
