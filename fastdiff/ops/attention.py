@@ -1,5 +1,8 @@
-"""``fastdiff::attention``: softmax(q k^T * scale) v for (B, heads, N, D) tensors, flash-style on GPU."""
+"""``fastdiff::attention``: softmax(q k^T * scale) v for (B, heads, N, D) tensors, flash-style on GPU.
+Differentiable: the backward recomputes the probabilities (see ``_backward``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,6 +25,31 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 @_attention_op.register_fake
 def _(q, k, v, scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out):
+    """Gradients by recomputing the attention probabilities in fp32 (materialises N_q x N_kv per
+    head: correct, not flash-style): with p = softmax(s), s = q k^T * scale and dO the output's
+    gradient, dv = p^T dO, ds = p * (dO v^T - rowsum(p * dO v^T)), dq = ds k scale, dk = ds^T q scale."""
+    q, k, v = ctx.saved_tensors
+    scale = 1.0 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
+    qf, kf, vf, go = (t.float() for t in (q, k, v, grad_out))
+    p = torch.softmax(qf @ kf.transpose(-1, -2) * scale, dim=-1)
+    dv = p.transpose(-1, -2) @ go
+    dp = go @ vf.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = ds @ kf * scale
+    dk = ds.transpose(-1, -2) @ qf * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_args(q, k, v, scale) -> None:
