@@ -2,14 +2,14 @@
 
 One loop serves every method, because a :class:`~fastdiff.schedule.StepTable` turns DDPM
 (both forms) and DDIM into the same update (:func:`fastdiff.reference.sampler_step`).
-All randomness is drawn up front into an :class:`ExternalNoise` (x_T and one z per step), so
-the accelerated sampler can be fed the very same numbers and compared with this loop.
+All randomness comes from an :class:`ExternalNoise` (x_T and one z per step, drawn a step at a
+time), so the accelerated sampler can be fed the very same numbers and compared with this loop.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -20,32 +20,117 @@ from fastdiff.schedule import StepTable
 EpsModel = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True)
 class ExternalNoise:
     """Every random number one sampling run uses.
 
     ``x_T``: (B, C, H, W), the starting noise; ``z``: (S, B, C, H, W), the noise added at step
-    ``i`` (multiplied by that step's sigma, which is 0 at the last DDPM step).
+    ``i`` (multiplied by that step's sigma, which is 0 at the last DDPM step); ``step_noise(i)``
+    is ``z[i]`` alone. Noise from :func:`draw_noise` is drawn a step at a time when asked for,
+    so a run holds one step's z, not S of them (reading ``z`` draws and keeps them all).
     """
 
-    x_T: torch.Tensor
-    z: torch.Tensor
-
-    def __post_init__(self):
-        if self.x_T.dim() != 4:
-            raise ValueError(f"noise.x_T must be (B, C, H, W), got shape {tuple(self.x_T.shape)}")
-        if self.z.dim() != 5 or self.z.shape[1:] != self.x_T.shape:
+    def __init__(self, x_T: torch.Tensor, z: torch.Tensor | None = None, *, _stream: _NoiseStream | None = None,
+                 _device=None, _dtype: torch.dtype | None = None):  # fmt: skip
+        if not isinstance(x_T, torch.Tensor) or x_T.dim() != 4:
+            raise ValueError(f"noise.x_T must be (B, C, H, W), got {_shape_text(x_T)}")
+        if (z is None) == (_stream is None):
+            raise ValueError("noise.z must be given: a (steps, B, C, H, W) tensor")
+        if z is not None and (not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1:] != x_T.shape):
             raise ValueError(
-                f"noise.z must be (steps, *x_T.shape) = (S, {', '.join(map(str, self.x_T.shape))}), "
-                f"got shape {tuple(self.z.shape)}"
+                f"noise.z must be (steps, *x_T.shape) = (S, {', '.join(map(str, x_T.shape))}), got {_shape_text(z)}"
             )
+        self.x_T, self._z, self._stream = x_T, z, _stream
+        self._device, self._dtype = _device, _dtype
 
     @property
     def num_steps(self) -> int:
-        return self.z.shape[0]
+        return self._z.shape[0] if self._z is not None else self._stream.num_steps
+
+    @property
+    def z(self) -> torch.Tensor:
+        if self._z is None:
+            self._z = self._stream.all().to(device=self._device, dtype=self._dtype)
+        return self._z
+
+    def step_noise(self, i: int) -> torch.Tensor:
+        """z[i], (B, C, H, W); drawn now (in step order, that costs nothing extra) unless ``z`` is held."""
+        if self._z is not None:
+            return self._z[i]
+        return self._stream.step(i).to(device=self._device, dtype=self._dtype)
 
     def to(self, device=None, dtype=None) -> ExternalNoise:
-        return ExternalNoise(self.x_T.to(device=device, dtype=dtype), self.z.to(device=device, dtype=dtype))
+        x_T = self.x_T.to(device=device, dtype=dtype)
+        if self._z is not None:
+            return ExternalNoise(x_T, self._z.to(device=device, dtype=dtype))
+        return ExternalNoise(x_T, _stream=self._stream, _device=device if device is not None else self._device,
+                             _dtype=dtype if dtype is not None else self._dtype)  # fmt: skip
+
+
+def _shape_text(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+class _NoiseStream:
+    """``torch.randn((S, *shape), generator)`` handed out one step at a time, bit for bit.
+
+    torch's CPU normal sampler (tensors of >= 16 floats) draws one uniform per element, turns
+    each aligned block of 16 into normals (Box-Muller on pairs i, i+8) and, when the size is
+    not a multiple of 16, draws 16 more uniforms and rewrites the last 16 values. Drawing the
+    blocks a step needs with ``randn(k * 16)`` consumes and transforms the same uniforms, so
+    the values equal the slice of the whole tensor; the tail is redrawn the same way at the end.
+    """
+
+    BLOCK = 16
+
+    def __init__(self, generator: torch.Generator, num_steps: int, shape: tuple[int, ...]):
+        self.num_steps, self.shape = num_steps, tuple(shape)
+        self.per_step = math.prod(shape)
+        self.total = num_steps * self.per_step
+        self._start_state = generator.get_state()
+        self._restart()
+
+    def all(self) -> torch.Tensor:
+        return torch.randn((self.num_steps, *self.shape), generator=self._fresh_generator())
+
+    def step(self, i: int) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole[i]
+        if i < self._next_step:  # out of order: draw again from the start
+            self._restart()
+        while self._next_step < i:
+            self._draw_next()
+        return self._draw_next()
+
+    def _fresh_generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").set_state(self._start_state)
+
+    def _restart(self) -> None:
+        self._generator = self._fresh_generator()
+        self._next_step, self._blocks_drawn, self._last_block = 0, 0, None
+        # Fewer than 16 floats a step: drawn whole as before (the elementwise path, a few KB).
+        self._whole = self.all() if self.per_step < self.BLOCK else None
+
+    def _draw_next(self) -> torch.Tensor:
+        block, i = self.BLOCK, self._next_step
+        start, end = i * self.per_step, (i + 1) * self.per_step
+        full_blocks = self.total // block
+        first_block, last_block = start // block, min((end - 1) // block, full_blocks - 1)
+        parts, first_needed = [], first_block
+        if self._last_block is not None and first_block == self._blocks_drawn - 1:
+            parts.append(self._last_block)  # the block this step shares with the one before
+            first_needed = self._blocks_drawn
+        if last_block + 1 > first_needed:
+            fresh = torch.randn((last_block + 1 - first_needed) * block, generator=self._generator)
+            parts.append(fresh)
+            self._blocks_drawn, self._last_block = last_block + 1, fresh[-block:]
+        values = torch.cat(parts)[start - first_block * block:]
+        if i == self.num_steps - 1 and self.total % block:
+            covered = full_blocks * block
+            torch.rand(self.total - covered, generator=self._generator)  # the partial block's uniforms
+            values = torch.cat([values[: covered - start], torch.empty(self.total - covered)])
+            values[-block:] = torch.randn(block, generator=self._generator)  # torch's redrawn last 16
+        self._next_step += 1
+        return values[: end - start].reshape(self.shape)
 
 
 def draw_noise(
@@ -54,6 +139,8 @@ def draw_noise(
     """x_T and the per-step z for ``table``, from a CPU ``torch.Generator`` seeded with ``seed``.
 
     Drawn on the CPU and then moved, so the same seed gives the same numbers on every device.
+    x_T is drawn now, each z when a sampler asks for it (:meth:`ExternalNoise.step_noise`): the
+    values are those of ``torch.randn((S, *shape))`` after x_T, without holding all S at once.
     """
     shape = _check_shape(shape)
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
@@ -62,8 +149,8 @@ def draw_noise(
         raise ValueError(f"seed must be in [-2**63, 2**64), got {int(seed)}")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     x_T = torch.randn(shape, generator=generator, dtype=torch.float32)
-    z = torch.randn((table.num_steps, *shape), generator=generator, dtype=torch.float32)
-    return ExternalNoise(x_T, z).to(device=device, dtype=dtype)
+    stream = _NoiseStream(generator, table.num_steps, shape)
+    return ExternalNoise(x_T.to(device=device, dtype=dtype), _stream=stream, _device=device, _dtype=dtype)
 
 
 @torch.no_grad()
@@ -119,8 +206,8 @@ def sample_reference(
                 got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
                 raise ValueError(f"model must return eps shaped like x {tuple(x.shape)}, got {got}")
             step_index = torch.tensor(i, dtype=torch.int64, device=device)
-            x, _ = reference.sampler_step(x, eps, step_index, table.coefs, noise=noise.z[i], clip_range=table.clip,
-                                          history=history)
+            x, _ = reference.sampler_step(x, eps, step_index, table.coefs, noise=noise.step_noise(i),
+                                          clip_range=table.clip, history=history)
             if trajectory is not None:
                 trajectory.append(x)
     if trajectory is not None:

@@ -183,3 +183,33 @@ def test_command_line_refuses_bad_values_with_exit_2(tmp_path, capsys, row):
     assert message in captured.err and "Traceback" not in captured.err
     assert captured.err.strip().splitlines()[-1].startswith(f"fastdiff {argv[0]}: error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ---------------------------------------------------------------- memory, checked before the work
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_sampling_with_a_hint(tmp_path, capsys, monkeypatch):
+    """--batch 100000 used to run for minutes into a raw allocator traceback (102 GB of noise)."""
+    import fastdiff.memory as memory
+    import fastdiff.sampling as sampling
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * memory.GIB)
+    monkeypatch.setattr(sampling, "sample_reference", lambda *a, **k: pytest.fail("sampled before checking"))
+    out = tmp_path / "out"
+    assert main(["sample", "--batch", "100000", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch 100000: a batch of 100000 needs about" in err and "try --batch" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_an_image_size_that_cannot_fit_at_all_says_so(tmp_path, capsys, monkeypatch):
+    import fastdiff.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * memory.GIB)
+    big = UNetConfig(image_size=4096, in_channels=1, out_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1,
+                     attn_resolutions=(), num_groups=4, dropout=0.0)
+    folder = io.save_model(UNet(big), tmp_path / "model")
+    assert main(["sample", "--model", str(folder), "--batch", "1", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "even one 4096x4096 image needs" in err and "Traceback" not in err
+

@@ -140,3 +140,22 @@ def test_model_returning_wrong_shape_is_reported():
     table = ddim_table(linear_schedule(), steps=STEPS)
     with pytest.raises(ValueError, match="eps shaped like x"):
         sample_reference(lambda x, t: x[:, :1], table, shape=SHAPE, seed=0)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4), (3, 1, 5, 7), (1, 1, 3, 3), (2, 1, 4, 2), (1, 1, 1, 17), (4, 1, 3, 5)])
+def test_noise_drawn_per_step_equals_the_whole_draw(steps, shape):
+    """draw_noise hands out z one step at a time (no S x batch allocation up front), with the
+    values the whole (S, *shape) draw after x_T had -- sizes that are not multiples of 16 too."""
+    from fastdiff.schedule import step_table
+
+    table = step_table(linear_schedule(), "ddim", steps=steps)
+    generator = torch.Generator().manual_seed(11)
+    x_T = torch.randn(shape, generator=generator)
+    z = torch.randn((steps, *shape), generator=generator)
+    noise = draw_noise(table, shape, 11)
+    assert torch.equal(noise.x_T, x_T)
+    assert all(torch.equal(noise.step_noise(i), z[i]) for i in range(steps))
+    assert torch.equal(noise.step_noise(0), z[0])  # out of order: drawn again from the start
+    assert noise._z is None  # nothing held beyond the step
+    assert torch.equal(noise.z, z) and noise.num_steps == steps

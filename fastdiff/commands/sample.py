@@ -74,10 +74,16 @@ def run(args: argparse.Namespace) -> int:
     from fastdiff.images import save_grid_png, save_npz
     from fastdiff.io import atomic_folder, pause_point
 
+    from fastdiff.memory import check_fits
+
     model, info, table = load_model_and_table(args, device)
     steps = table.num_steps
     config = info.config
     shape = (args.batch, config.in_channels, config.image_size, config.image_size)
+    try:  # before compiling or sampling: a batch that cannot fit is refused with a hint
+        check_fits(config, args.batch, sum(p.numel() for p in model.parameters()), device)
+    except MemoryError as e:
+        raise UsageError(f"--batch {args.batch}: {e}") from None
     class_labels = None
     if config.num_classes:
         class_labels = torch.arange(args.batch, dtype=torch.int64) % config.num_classes
