@@ -19,7 +19,7 @@ _EXPORTS = {
     "UNetConfig": "fastdiff.unet",
     "sample_reference": "fastdiff.sampling",
     "Sampler": "fastdiff.sampler",
-    "accelerate": "fastdiff.accelerate",
+    "accelerate": "fastdiff.acceleration",
     "save_model": "fastdiff.io",
     "load_model": "fastdiff.io",
 }

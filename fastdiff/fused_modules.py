@@ -91,11 +91,19 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
 @functools.cache
 def fused_resnet_block_class() -> type:
     """``FusedResnetBlock2D``: a subclass of diffusers' ``ResnetBlock2D`` with only a new forward
-    (built on first use so that importing fastdiff never imports diffusers)."""
+    (built on first use so that importing fastdiff never imports diffusers). It is reachable as
+    ``fastdiff.fused_modules.FusedResnetBlock2D`` (see ``__getattr__`` below), which is where
+    pickle -- ``torch.save`` of an accelerated model -- finds it again."""
     from diffusers.models.resnet import ResnetBlock2D
 
-    namespace = {"forward": _fused_resnet_forward, "__doc__": _fused_resnet_forward.__doc__}
+    namespace = {"forward": _fused_resnet_forward, "__doc__": _fused_resnet_forward.__doc__, "__module__": __name__}
     return type("FusedResnetBlock2D", (ResnetBlock2D,), namespace)
+
+
+def __getattr__(name: str):
+    if name == "FusedResnetBlock2D":
+        return fused_resnet_block_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FusedAttnProcessor:

@@ -52,6 +52,21 @@ class ModelInfo:
     description: str = ""
     weights_sha256: str | None = None  # recorded by save_model; folders written before it lack it
 
+    def noise_schedule(self):
+        """The model's :class:`~fastdiff.schedule.NoiseSchedule` (what it was trained with)."""
+        from fastdiff.schedule import make_schedule
+
+        return make_schedule(self.schedule, self.num_timesteps)
+
+
+#: Attribute :func:`load_model` sets on the model: its NoiseSchedule, the default of fastdiff.Sampler.
+SCHEDULE_ATTRIBUTE = "fastdiff_schedule"
+
+
+def _with_schedule(model, info: ModelInfo):
+    setattr(model, SCHEDULE_ATTRIBUTE, info.noise_schedule())
+    return model, info
+
 
 def _default_file_mode() -> int:
     umask = os.umask(0)
@@ -272,6 +287,8 @@ def save_model(
 
 def load_model(folder=None, device="cpu", dtype: torch.dtype = torch.float32):
     """Load ``(UNet, ModelInfo)`` from a folder written by :func:`save_model`; eval mode.
+    The model carries the folder's noise schedule as ``model.fastdiff_schedule``, so
+    ``fastdiff.Sampler(model)`` samples with the schedule the model was trained with.
 
     ``folder=None`` loads the built-in model (:data:`BUILTIN_FOLDER`) when it is shipped, else
     a random-init ``UNetConfig.cifar10()`` with a fixed seed (``info.random_init`` says so).
@@ -302,7 +319,7 @@ def load_model(folder=None, device="cpu", dtype: torch.dtype = torch.float32):
             "the folder holds the weights and the config of different saves"
         )
     model.load_state_dict(tensors)
-    return model.to(device=device, dtype=dtype).eval(), info
+    return _with_schedule(model.to(device=device, dtype=dtype).eval(), info)
 
 
 def read_model_info(folder) -> ModelInfo:
@@ -356,7 +373,7 @@ def random_init_model(config, seed: int = RANDOM_INIT_SEED, device="cpu", dtype:
         description=f"random-init UNet ({millions:.2f}M parameters, {config.image_size}x{config.image_size}, "
         f"seed {seed}; untrained, so samples look like noise)",
     )
-    return model.to(device=device, dtype=dtype).eval(), info
+    return _with_schedule(model.to(device=device, dtype=dtype).eval(), info)
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -29,6 +29,7 @@ sampling and returns the seconds it took, so benchmarks can report compile time 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 
@@ -36,11 +37,14 @@ import torch
 import torch.nn as nn
 
 from fastdiff import backend, ops
-from fastdiff.accelerate import accelerate
+from fastdiff.acceleration import accelerate
 from fastdiff.compile import compile_for
 from fastdiff.graphs import GraphCache, GraphKey
+from fastdiff.io import SCHEDULE_ATTRIBUTE
 from fastdiff.sampling import ExternalNoise, _check_class_labels, _check_shape, draw_noise
 from fastdiff.schedule import NoiseSchedule, StepTable, linear_schedule, step_table
+
+logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AUTO = "auto"
@@ -90,10 +94,21 @@ class DiffusersEps(nn.Module):
 
 
 class Sampler:
-    """The accelerated sampler. ``schedule``: a NoiseSchedule (default: linear, T=1000) turned
-    into a table by ``method``/``steps``/``eta``/``order`` as :func:`fastdiff.schedule.step_table`
-    does (``method="dpmsolver++"`` or ``"sde-dpmsolver++"`` with ``order`` 1-3: DPM-Solver++
-    multistep), or a ready StepTable. ``compile``/``cuda_graphs``: True, False or "auto" (compile
+    """The accelerated sampler. ``schedule`` says which update runs:
+
+    - a diffusers ``DDPMScheduler`` / ``DDIMScheduler``: its own step, settings and all
+      (clip_sample, variance_type, set_alpha_to_one, timestep_spacing, steps_offset); ``steps``
+      defaults to its ``num_inference_steps``, ``method`` follows its type. Settings no table
+      reproduces (another prediction_type, thresholding, learned variance) raise ValueError;
+    - a NoiseSchedule, turned into a table by ``method``/``steps``/``eta``/``order`` as
+      :func:`fastdiff.schedule.step_table` does (``method`` default "ddpm"; "dpmsolver++" or
+      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep);
+    - a ready StepTable;
+    - None: the schedule the model was loaded with (``fastdiff.load_model`` sets
+      ``model.fastdiff_schedule``), else linear with T = 1000 -- with a warning for a diffusers
+      UNet, whose scheduler the sampler cannot see.
+
+    ``compile``/``cuda_graphs``: True, False or "auto" (compile
     everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": for
     half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
 
@@ -102,7 +117,7 @@ class Sampler:
         model: nn.Module,
         schedule: NoiseSchedule | StepTable | None = None,
         *,
-        method: str = "ddpm",
+        method: str | None = None,
         steps: int | None = None,
         eta: float = 0.0,
         order: int | None = None,
@@ -123,13 +138,17 @@ class Sampler:
                 raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
         self.device = _resolve_device(device if device is not None else _model_device(model))
         self.dtype = dtype
-        self.table = _make_table(schedule, method, steps, eta, order).to(self.device)
+        self.notes: list[str] = []
+        if schedule is None and _is_diffusers_unet(model) and getattr(model, SCHEDULE_ATTRIBUTE, None) is None:
+            self._note("no schedule given for a diffusers UNet: sampling with a linear schedule, T = 1000, "
+                       "leading spacing, no clipping; pass schedule=<the pipeline's DDPMScheduler/DDIMScheduler> "
+                       "to sample as that pipeline does")  # fmt: skip
+        self.table = _make_table(schedule, method, steps, eta, order, model).to(self.device)
         self.image_shape = tuple(image_shape) if image_shape is not None else _image_shape(model)
         self.class_conditioned = _class_conditioned(model)
         self.kernels = backend.kernel_path(self.device)
         #: seed mode draws z in the step kernel (Triton on a GPU); elsewhere with draw_noise.
         self.philox_seed_mode = self.kernels == "triton"
-        self.notes: list[str] = []
 
         on_cuda = self.device.type == "cuda"
         self._compile_mode, self._graphs_mode, self.autotune = compile, cuda_graphs, autotune
@@ -144,9 +163,13 @@ class Sampler:
         self.report = fast.fastdiff_report
         fast = _placed(fast, self.device, dtype, self.channels_last).eval()
         self._eager_step = DenoiseStep(fast, self.table, dtype, self.channels_last)
-        self._step = compile_for(self._eager_step, self.device, autotune) if self.compiled else self._eager_step
-        self._graphs = GraphCache(self._step, self.device) if self.cuda_graphs else None
+        # One compile per key (see fastdiff.compile: no recompile limit across keys or samplers).
+        self._compiled_step = compile_for(self._eager_step, self.device, autotune) if self.compiled else None
+        self._graphs = GraphCache(self._step_by_key, self.device) if self.cuda_graphs else None
         self._ready: set[GraphKey] = set()
+        #: keys whose compile ("auto": run eagerly) or capture ("auto": run the loop) failed
+        self._eager_keys: set[GraphKey] = set()
+        self._ungraphed_keys: set[GraphKey] = set()
 
     # ------------------------------------------------------------ public API
 
@@ -159,9 +182,9 @@ class Sampler:
         key = self._key(x_T, class_labels, "given" if rng is None else "philox")
         with backend.on_device(self.device), backend.exact_fp32():
             self._prepare(key)
-            if self._graphs is not None:
+            if self._graphed(key):
                 return self._graphs.get(key).run(x_T, self.table.num_steps, z, rng, class_labels)
-            return self._loop(x_T, z, rng, class_labels, progress)
+            return self._loop(self._step_for(key), x_T, z, rng, class_labels, progress)
 
     def warmup(self, batch: int = 1, class_labels: torch.Tensor | None = None, external_noise: bool = False) -> float:
         """Compile (and on a GPU capture) for ``batch`` ahead of sampling; returns the seconds taken.
@@ -184,6 +207,8 @@ class Sampler:
         if self.compiled:
             autotuned = self.device.type == "cuda" and self.autotune
             parts.append("torch.compile (inductor, freezing" + (", max-autotune)" if autotuned else ")"))
+            if self._eager_keys:
+                parts.append(f"eager for {'; '.join(map(str, self._eager_keys))} (compile failed)")
         layout = " channels_last" if self.channels_last else ""
         parts.append(f"model in {_dtype_name(self.dtype)}{layout}, step maths in float32")
         parts.append("CUDA graph per shape" if self.cuda_graphs else f"eager step loop on {self.device.type}")
@@ -191,8 +216,9 @@ class Sampler:
             "path": ", ".join(parts),
             "device": str(self.device),
             "dtype": _dtype_name(self.dtype),
-            "compiled": self.compiled,
-            "cuda_graphs": self.cuda_graphs,
+            "compiled": self.compiled and not self._eager_keys,
+            "compiled_shapes": [str(k) for k in self._ready if self._uses_compile(k)],
+            "cuda_graphs": self.cuda_graphs and not self._ungraphed_keys,
             "kernels": self.kernels,
             "noise": "seed mode: z " + ("drawn in-kernel (Philox)" if self.philox_seed_mode else "from draw_noise"),
             "notes": list(self.notes),
@@ -237,40 +263,61 @@ class Sampler:
         return GraphKey(x_T.shape[0], tuple(x_T.shape[1:]), self.dtype, class_labels is not None, noise_mode,
                         self.table.history_size)  # fmt: skip
 
+    def _uses_compile(self, key: GraphKey) -> bool:
+        return self.compiled and key not in self._eager_keys
+
+    def _graphed(self, key: GraphKey) -> bool:
+        return self._graphs is not None and key not in self._ungraphed_keys
+
+    def _step_for(self, key: GraphKey):
+        return self._compiled_step if self._uses_compile(key) else self._eager_step
+
+    def _step_by_key(self, x_t, step_index, noise=None, rng=None, class_labels=None, history=None):
+        """The step for the key these arguments make (what a CUDA graph of that key captures)."""
+        key = self._key(x_t, class_labels, "philox" if noise is None else "given")
+        return self._step_for(key)(x_t, step_index, noise, rng, class_labels, history)
+
     def _prepare(self, key: GraphKey) -> None:
         """Compile (first call of the compiled step) and capture for ``key``, once. What was
-        asked for as "auto" steps back when it fails (compile first, then graphs) and says so."""
+        asked for as "auto" steps back for this key only when it fails (compile first, then the
+        graph), with a loud warning; the keys already compiled and captured keep theirs."""
         if key in self._ready:
             return
-        if self._graphs is None and not self.compiled:
-            self._ready.add(key)  # nothing to build ahead for the eager step
-            return
         try:
-            if self._graphs is not None:
+            if self._graphed(key):
                 self._graphs.get(key)
-            else:
+            elif self._uses_compile(key):
                 x = torch.zeros((key.batch, *key.image_shape), device=self.device)
                 index = torch.zeros((), dtype=torch.int64, device=self.device)
                 labels = index.new_zeros(key.batch) if key.class_conditioned else None
                 noise = torch.zeros_like(x) if key.noise == "given" else None
                 rng = index.new_zeros(2) if key.noise == "philox" else None
-                self._step(x, index, noise, rng, labels, self.table.new_history(x.shape, self.device))
+                self._compiled_step(x, index, noise, rng, labels, self.table.new_history(x.shape, self.device))
         except Exception as e:  # any compiler or capture failure; re-raised unless "auto"
             failure = f"{type(e).__name__}: {e}"
-            if self.compiled and self._compile_mode == AUTO:
-                self._note(f"torch.compile failed ({failure}); running the accelerated model eagerly")
-                self.compiled, self._step = False, self._eager_step
-            elif self._graphs is not None and self._graphs_mode == AUTO:
-                self._note(f"CUDA graph capture failed ({failure}); running the step loop without graphs")
-                self.cuda_graphs = False
+            if self._uses_compile(key) and self._compile_mode == AUTO:
+                self._fallback(f"torch.compile failed for {key} ({failure}); that shape runs the accelerated "
+                               "model eagerly (much slower), shapes compiled before keep their compiled code")  # fmt: skip
+                self._eager_keys.add(key)
+            elif self._graphed(key) and self._graphs_mode == AUTO:
+                self._fallback(f"CUDA graph capture failed for {key} ({failure}); that shape runs the step loop "
+                               "without a graph, shapes captured before keep their graphs")  # fmt: skip
+                self._ungraphed_keys.add(key)
             else:
                 raise
-            self._graphs = GraphCache(self._step, self.device) if self.cuda_graphs else None
-            self._ready.clear()
             return self._prepare(key)
         self._ready.add(key)
 
-    def _loop(self, x, z, rng, class_labels, progress: bool) -> torch.Tensor:
+    def _fallback(self, message: str) -> None:
+        """A fallback "auto" allowed: a warning the first time (it is loud: an unexpected slow
+        path), a logged warning and a note in describe() every time."""
+        logger.warning("fastdiff.Sampler: %s", message)
+        if self._eager_keys or self._ungraphed_keys:
+            self.notes.append(message)
+        else:
+            self._note(message)
+
+    def _loop(self, step, x, z, rng, class_labels, progress: bool) -> torch.Tensor:
         steps = range(self.table.num_steps)
         if progress:
             from tqdm.auto import tqdm
@@ -280,22 +327,37 @@ class Sampler:
         history = self.table.new_history(x.shape, self.device)
         for i in steps:
             step_index.fill_(i)
-            x = self._step(x, step_index, None if z is None else z[i], rng, class_labels, history)
+            x = step(x, step_index, None if z is None else z[i], rng, class_labels, history)
         return x
 
 
-def _make_table(schedule, method: str, steps, eta, order) -> StepTable:
+def _make_table(schedule, method: str | None, steps, eta, order, model: nn.Module) -> StepTable:
     if isinstance(schedule, StepTable):
-        if (method, steps, eta, order) != ("ddpm", None, 0.0, None):
+        if (method, steps, eta, order) != (None, None, 0.0, None):
             raise ValueError("pass method/steps/eta/order or a ready StepTable as schedule, not both")
         return schedule
+    if _is_diffusers_scheduler(schedule):
+        from fastdiff.acceleration import table_from_scheduler
+
+        kind = "ddim" if type(schedule).__name__ == "DDIMScheduler" else "ddpm"
+        if method not in (None, kind):
+            raise ValueError(f"method {method!r} does not match the {type(schedule).__name__} passed as schedule")
+        if eta and kind != "ddim":
+            raise ValueError("eta applies to a DDIMScheduler only")
+        return table_from_scheduler(schedule, steps=steps, eta=eta)
     if schedule is None:
-        schedule = linear_schedule()
+        schedule = getattr(model, SCHEDULE_ATTRIBUTE, None) or linear_schedule()
     if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, a StepTable or None, got {type(schedule).__name__}")
+        raise TypeError("schedule must be a diffusers DDPMScheduler/DDIMScheduler, a NoiseSchedule, a StepTable "
+                        f"or None, got {type(schedule).__name__}")  # fmt: skip
+    method = method or "ddpm"
     if order is not None and not method.endswith("dpmsolver++"):
         raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
     return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order)
+
+
+def _is_diffusers_scheduler(obj) -> bool:
+    return type(obj).__name__ in ("DDPMScheduler", "DDIMScheduler") and type(obj).__module__.startswith("diffusers")
 
 
 def _resolve_device(device) -> torch.device:

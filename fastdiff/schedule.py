@@ -19,12 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SCHEDULES = ("linear", "cosine")
 DDPM_VARIANCES = ("fixed_large", "fixed_small")
 DDPM_FORMS = ("ho", "diffusers")
 METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+#: diffusers' ``timestep_spacing`` values that :func:`spaced_timesteps` reproduces.
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 #: Column order of :attr:`StepTable.coefs`.
 STEP_COLUMNS = ("x0_from_xt", "x0_from_eps", "mean_from_x0", "mean_from_xt", "mean_from_eps", "sigma")
@@ -144,18 +147,36 @@ class StepTable:
 
 def leading_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     """diffusers' default "leading" spacing: 0, r, 2r, ... reversed, with r = T // steps."""
+    return spaced_timesteps(num_timesteps, steps, "leading")
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """The descending model timesteps of ``steps`` sampling steps, as diffusers'
+    ``DDPMScheduler``/``DDIMScheduler.set_timesteps`` space them (``timestep_spacing``):
+    "leading" (0, r, 2r, ... with r = T // steps, plus ``steps_offset``), "linspace"
+    (round(linspace(0, T - 1, steps))) or "trailing" (round(T - k T/steps) - 1)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in [1, {num_timesteps}], got {steps!r}")
-    ratio = num_timesteps // steps
-    return torch.arange(steps, dtype=torch.int64).mul(ratio).flip(0)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+    if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+    if spacing == "leading":
+        timesteps = torch.arange(steps, dtype=torch.int64).mul(num_timesteps // steps).flip(0) + steps_offset
+    elif spacing == "linspace":
+        timesteps = torch.from_numpy(np.linspace(0, num_timesteps - 1, steps).round()[::-1].astype(np.int64))
+    else:
+        timesteps = torch.from_numpy(np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1)
+    if int(timesteps.max()) >= num_timesteps:
+        raise ValueError(f"steps_offset {steps_offset} puts the first timestep past T - 1 = {num_timesteps - 1}")
+    return timesteps
 
 
-def _abar_pairs(schedule: NoiseSchedule, timesteps: torch.Tensor, final_abar: float):
-    """abar at each step's timestep and at the timestep it steps to (final_abar past the end)."""
+def _abar_pairs(schedule: NoiseSchedule, timesteps: torch.Tensor, prev: torch.Tensor, final_abar: float):
+    """abar at each step's timestep and at the timestep ``prev`` it steps to (final_abar where
+    prev < 0, past the end)."""
     abar_all = schedule.alphas_cumprod
     abar = abar_all[timesteps]
-    ratio = schedule.num_timesteps // timesteps.shape[0]
-    prev = timesteps - ratio
     abar_prev = torch.where(prev >= 0, abar_all[prev.clamp(min=0)], torch.full_like(abar, final_abar))
     return abar, abar_prev
 
@@ -167,6 +188,8 @@ def ddpm_table(
     form: str = "ho",
     clip_sample: bool | None = None,
     clip_range: float = 1.0,
+    spacing: str = "leading",
+    steps_offset: int = 0,
 ) -> StepTable:
     """Ancestral DDPM sampling (Ho et al. Algorithm 2), over ``steps`` strided timesteps.
 
@@ -174,14 +197,17 @@ def ddpm_table(
     + sigma z, with no clipping by default. ``form="diffusers"`` is ``DDPMScheduler.step``:
     predict x0, clip it (by default), take the posterior mean. With steps < T, alpha_t and
     beta_t are those of the strided chain: alpha = abar_t / abar_prev, as diffusers does.
+    ``spacing``/``steps_offset``: see :func:`spaced_timesteps`; each step goes to the next
+    timestep of the list (the last to "t = -1", abar = 1), as ``DDPMScheduler.previous_timestep``.
     """
     if variance not in DDPM_VARIANCES:
         raise ValueError(f"variance must be one of {DDPM_VARIANCES}, got {variance!r}")
     if form not in DDPM_FORMS:
         raise ValueError(f"form must be one of {DDPM_FORMS}, got {form!r}")
     T = schedule.num_timesteps
-    timesteps = leading_timesteps(T, T if steps is None else steps)
-    abar, abar_prev = _abar_pairs(schedule, timesteps, final_abar=1.0)
+    timesteps = spaced_timesteps(T, T if steps is None else steps, spacing, steps_offset)
+    prev = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])
+    abar, abar_prev = _abar_pairs(schedule, timesteps, prev, final_abar=1.0)
     alpha = abar / abar_prev
     beta = 1.0 - alpha
     beta_tilde = ((1.0 - abar_prev) / (1.0 - abar) * beta).clamp(min=1e-20)
@@ -212,14 +238,18 @@ def ddim_table(
     clip_range: float = 1.0,
     set_alpha_to_one: bool = True,
     use_clipped_model_output: bool = False,
+    spacing: str = "leading",
+    steps_offset: int = 0,
 ) -> StepTable:
-    """DDIM (Song et al. 2021) with ``eta``, matching ``diffusers.DDIMScheduler.step``."""
+    """DDIM (Song et al. 2021) with ``eta``, matching ``diffusers.DDIMScheduler.step``.
+    ``spacing``/``steps_offset``: see :func:`spaced_timesteps`; whatever the spacing, each step
+    goes to t - T // steps (``final_abar`` below 0), as ``DDIMScheduler.step`` does."""
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")
     T = schedule.num_timesteps
-    timesteps = leading_timesteps(T, steps)
+    timesteps = spaced_timesteps(T, steps, spacing, steps_offset)
     final_abar = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod[0])
-    abar, abar_prev = _abar_pairs(schedule, timesteps, final_abar=final_abar)
+    abar, abar_prev = _abar_pairs(schedule, timesteps, timesteps - T // steps, final_abar=final_abar)
     variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
     sigma = eta * variance.sqrt()
     direction = (1.0 - abar_prev - sigma**2).clamp(min=0).sqrt()

@@ -13,7 +13,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from fastdiff import ops
-from fastdiff.accelerate import AccelerationReport, FusedSchedulerStep, accelerate
+from fastdiff.acceleration import AccelerationReport, FusedSchedulerStep, accelerate
 from fastdiff.fused_modules import FusedAttnProcessor, FusedGroupNorm
 from fastdiff.unet import GroupNormAct, UNet, UNetConfig
 
@@ -220,6 +220,12 @@ SCHEDULERS = [
     pytest.param(lambda: DDIMScheduler(), 10, {"eta": 0.0}, id="ddim"),
     pytest.param(lambda: DDIMScheduler(set_alpha_to_one=False), 20, {"eta": 0.7}, id="ddim-eta"),
     pytest.param(DDIMScheduler, 10, {"eta": 1.0, "use_clipped_model_output": True}, id="ddim-clipped-eps"),
+    pytest.param(lambda: DDPMScheduler(timestep_spacing="trailing"), 10, {}, id="ddpm-trailing"),
+    pytest.param(lambda: DDPMScheduler(timestep_spacing="linspace"), 7, {}, id="ddpm-linspace"),
+    pytest.param(lambda: DDPMScheduler(steps_offset=1), 10, {}, id="ddpm-offset"),
+    pytest.param(lambda: DDIMScheduler(timestep_spacing="trailing"), 10, {"eta": 0.5}, id="ddim-trailing"),
+    pytest.param(lambda: DDIMScheduler(timestep_spacing="linspace"), 7, {}, id="ddim-linspace"),
+    pytest.param(lambda: DDIMScheduler(steps_offset=1, set_alpha_to_one=False), 10, {}, id="ddim-offset"),
 ]
 
 
@@ -238,7 +244,7 @@ def test_scheduler_step_equals_diffusers(make, steps, kwargs, op_calls):
         assert type(actual) is type(expected)
         torch.testing.assert_close(actual.prev_sample, expected.prev_sample, rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(actual.pred_original_sample, expected.pred_original_sample, rtol=1e-5, atol=2e-5)
-    assert op_calls["sampler_step"] == 3
+    assert op_calls["sampler_step"] == 3 and (fast.step.fused_calls, fast.step.fallback_calls) == (3, 0)
     as_tuple = fast.step(eps, original.timesteps[1], x, return_dict=False, **kwargs)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
 
@@ -254,14 +260,15 @@ def test_ddim_step_with_given_variance_noise():
 
 
 def test_timesteps_outside_the_table_fall_back_to_diffusers():
-    original = DDPMScheduler(timestep_spacing="trailing")
+    original = DDPMScheduler()
     fast = accelerate(original)
-    original.set_timesteps(10)
-    fast.set_timesteps(10)
+    original.set_timesteps(timesteps=[900, 500, 17, 0])  # custom timesteps: no table covers them
+    fast.set_timesteps(timesteps=[900, 500, 17, 0])
     x, eps = torch.randn(2, 1, 4, 4).unbind(0)
-    t = original.timesteps[3]
+    t = original.timesteps[2]
     actual = fast.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     assert torch.equal(actual, original.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    assert (fast.step.fused_calls, fast.step.fallback_calls) == (0, 1)
 
 
 @pytest.mark.parametrize(
@@ -344,3 +351,38 @@ def test_accelerated_models_run_the_interpreted_kernels(interpreted, monkeypatch
         x = x[..., :4, :4]
         torch.testing.assert_close(accelerate(wrapped)(x, t).sample, wrapped(x, t).sample, **FP32)
     assert launches == {"group_norm_silu": 21 + 21, "attention": 4 + 1 + 1 + 2}
+
+
+# ---------------------------------------------------------------- the public name, saving
+
+
+def test_package_accelerate_is_the_function_whatever_was_imported():
+    import fastdiff.sampler  # noqa: F401  (imports the acceleration module, as any user code may)
+    from fastdiff import accelerate as public
+
+    assert public is accelerate
+
+
+def test_readme_accelerate_example_runs(capsys):
+    import textwrap
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```python\n")[1:] if "fast = accelerate(model)" in b]
+    assert len(blocks) == 1, "the README's accelerate() example is missing"
+    exec(compile(textwrap.dedent(blocks[0]), "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("fastdiff.accelerate replaced ")
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_diffusers_unet, lambda: UNet(UNetConfig.tiny(image_size=8))], ids=["diffusers", "fastdiff"]
+)
+def test_torch_save_and_load_an_accelerated_unet(make, tmp_path):
+    fast = accelerate(seeded(make))
+    torch.save(fast, tmp_path / "unet.pt")
+    loaded = torch.load(tmp_path / "unet.pt", weights_only=False)
+    assert type(loaded) is type(fast) and loaded.fastdiff_report.replaced == fast.fastdiff_report.replaced
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    kwargs = {"return_dict": False} if isinstance(fast, UNet2DModel) else {}
+    with torch.no_grad():
+        assert torch.equal(torch.as_tensor(loaded(x, t, **kwargs)[0]), torch.as_tensor(fast(x, t, **kwargs)[0]))

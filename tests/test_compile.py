@@ -5,7 +5,7 @@ import torch
 from helpers import assert_within_2x_of_torch, tiny_diffusers_unet
 from torch._inductor.utils import run_and_get_code
 
-from fastdiff.accelerate import accelerate
+from fastdiff.acceleration import accelerate
 from fastdiff.compile import compile_for, inductor_options
 from fastdiff.sampler import DenoiseStep, DiffusersEps
 from fastdiff.schedule import ddpm_table, linear_schedule

@@ -239,7 +239,7 @@ def test_warmup_returns_seconds(model):
         (dict(dtype=torch.int8), TypeError, "dtype must be one of"),
         (dict(compile="yes"), ValueError, "compile must be True, False or 'auto'"),
         (dict(cuda_graphs=1.0), ValueError, "cuda_graphs must be"),
-        (dict(schedule="linear"), TypeError, "schedule must be a NoiseSchedule"),
+        (dict(schedule="linear"), TypeError, "schedule must be a diffusers DDPMScheduler/DDIMScheduler, a NoiseSchedule"),
         (dict(schedule=DDPM, method="ddim"), ValueError, "not both"),
         (dict(method="dpmsolver"), ValueError, "sampler must be one of"),
         (dict(method="dpmsolver++", order=4), ValueError, "order must be 1, 2 or 3"),

@@ -20,7 +20,8 @@ from fastdiff.schedule import (
     step_table,
 )
 from fastdiff.unet import UNet, UNetConfig
-from helpers import assert_close
+from fastdiff.commands.verify import fp64_trajectory
+from helpers import assert_close, assert_within_2x_of_torch
 
 T = 1000
 LOOP_STEPS = 10
@@ -167,6 +168,24 @@ def test_timesteps_match_diffusers(linear, steps):
     assert torch.equal(ddim_table(linear, steps=steps).timesteps, ddim.timesteps)
 
 
+SPACINGS = [("leading", 0), ("leading", 1), ("linspace", 0), ("trailing", 0)]
+
+
+@pytest.mark.parametrize("spacing, offset", SPACINGS)
+@pytest.mark.parametrize("steps", [7, 10, 50, 1000])
+def test_spaced_timesteps_match_diffusers(linear, spacing, offset, steps):
+    config = dict(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+    ddpm, ddim = DDPMScheduler(**config), DDIMScheduler(**config)
+    ddpm.set_timesteps(steps)
+    ddim.set_timesteps(steps)
+    if steps == T and offset:  # diffusers would index alphas_cumprod[T]; fastdiff refuses it
+        with pytest.raises(ValueError, match="steps_offset"):
+            ddpm_table(linear, steps=steps, spacing=spacing, steps_offset=offset)
+        return
+    assert torch.equal(ddpm_table(linear, steps=steps, spacing=spacing, steps_offset=offset).timesteps, ddpm.timesteps)
+    assert torch.equal(ddim_table(linear, steps=steps, spacing=spacing, steps_offset=offset).timesteps, ddim.timesteps)
+
+
 @pytest.fixture(scope="module")
 def eps_model():
     """A small random fastdiff UNet: a realistic, nonlinear eps(x, t)."""
@@ -224,6 +243,26 @@ def test_ddpm_loop_matches_diffusers(linear, eps_model, fed_noise, variance, cli
     theirs = _diffusers_loop(scheduler, eps_model, noise, fed_noise=fed_noise)
     assert_close(ours, theirs)
     assert not torch.equal(ours, noise.x_T)
+
+
+@pytest.mark.parametrize("spacing, offset", SPACINGS[1:])
+def test_spaced_loops_match_diffusers(linear, eps_model, fed_noise, spacing, offset):
+    """Other spacings and steps_offset: the last step may start at t > 0 (DDPM still draws z
+    there) and DDIM steps to t - T // steps whatever the spacing. Trailing starts at t = 999,
+    where 1/sqrt(abar) ~ 150 amplifies float32 rounding: both are held to the float64 truth
+    by the 2x rule."""
+    spaced = dict(spacing=spacing, steps_offset=offset)
+    config = dict(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+    table = ddpm_table(linear, steps=LOOP_STEPS, variance="fixed_small", form="diffusers", **spaced)
+    noise = draw_noise(table, LOOP_SHAPE, seed=3)
+    theirs = _diffusers_loop(DDPMScheduler(**config), eps_model, noise, fed_noise=fed_noise)
+    ours = sample_reference(eps_model, table, noise=noise)
+    assert_within_2x_of_torch(ours, theirs, fp64_trajectory(eps_model, table, noise), "ddpm")
+    table = ddim_table(linear, steps=LOOP_STEPS, eta=0.5, set_alpha_to_one=False, **spaced)
+    scheduler = DDIMScheduler(set_alpha_to_one=False, clip_sample=False, **config)
+    theirs = _diffusers_loop(scheduler, eps_model, noise, eta=0.5)
+    ours = sample_reference(eps_model, table, noise=noise)
+    assert_within_2x_of_torch(ours, theirs, fp64_trajectory(eps_model, table, noise), "ddim")
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,10 @@ without SiLU, the attention core by ``fastdiff.ops.attention``, and a scheduler'
 scheduler's own config. Anything else is left as it is; the returned object's
 ``fastdiff_report`` (an :class:`AccelerationReport`) lists what was replaced and what was not.
 
+The report is on the *returned* object (``fast = accelerate(model); print(fast.fastdiff_report)``);
+with ``inplace=True`` that is ``obj`` itself. This module is named ``acceleration`` so that
+``fastdiff.accelerate`` is always the function, however the package was imported.
+
 By default the caller's object is not modified: the result is a copy whose modules are new but
 whose parameters and buffers are the very same tensors (no weight is copied), so the original
 keeps running the plain PyTorch path. ``inplace=True`` modifies ``obj`` itself. Sharing cuts
@@ -41,7 +45,7 @@ from fastdiff.fused_modules import (
     FusedSpatialSelfAttention,
     fused_resnet_block_class,
 )
-from fastdiff.schedule import NoiseSchedule, StepTable, ddim_table, ddpm_table
+from fastdiff.schedule import TIMESTEP_SPACINGS, NoiseSchedule, StepTable, ddim_table, ddpm_table
 from fastdiff.unet import GroupNormAct, SpatialSelfAttention
 
 ACCEPTED = (
@@ -229,7 +233,32 @@ def _unsupported_scheduler(scheduler) -> str | None:
     variance = getattr(config, "variance_type", None)
     if type(scheduler) is _diffusers().DDPMScheduler and variance not in _DDPM_VARIANCES:
         return f"variance_type {variance!r} (fused: {', '.join(_DDPM_VARIANCES)})"
+    if config.timestep_spacing not in TIMESTEP_SPACINGS:
+        return f"timestep_spacing {config.timestep_spacing!r} (fused: {', '.join(TIMESTEP_SPACINGS)})"
     return None
+
+
+def table_from_scheduler(scheduler, steps: int | None = None, eta: float = 0.0,
+                         use_clipped_model_output: bool = False) -> StepTable:  # fmt: skip
+    """The StepTable that computes exactly what a diffusers ``DDPMScheduler`` / ``DDIMScheduler``
+    step computes with its config (schedule, clip_sample and its range, variance_type,
+    set_alpha_to_one, timestep_spacing, steps_offset) over ``steps`` steps (default: the
+    scheduler's ``num_inference_steps`` if set, else T for DDPM and 50 for DDIM).
+    Raises ValueError naming the setting a table cannot reproduce."""
+    reason = _unsupported_scheduler(scheduler)
+    if reason:
+        raise ValueError(f"fastdiff cannot reproduce this scheduler's step: {reason}")
+    config = scheduler.config
+    is_ddim = type(scheduler) is _diffusers().DDIMScheduler
+    steps = steps or scheduler.num_inference_steps or (50 if is_ddim else config.num_train_timesteps)
+    schedule = schedule_from_scheduler(scheduler)
+    spaced = dict(spacing=config.timestep_spacing, steps_offset=config.steps_offset)
+    if is_ddim:
+        return ddim_table(schedule, steps=steps, eta=eta, clip_sample=config.clip_sample,
+                          clip_range=config.clip_sample_range, set_alpha_to_one=config.set_alpha_to_one,
+                          use_clipped_model_output=use_clipped_model_output, **spaced)  # fmt: skip
+    return ddpm_table(schedule, steps=steps, variance=_DDPM_VARIANCES[config.variance_type], form="diffusers",
+                      clip_sample=config.clip_sample, clip_range=config.clip_sample_range, **spaced)  # fmt: skip
 
 
 def schedule_from_scheduler(scheduler) -> NoiseSchedule:
@@ -250,8 +279,9 @@ class FusedSchedulerStep:
 
     Same signature, same output type, same random draws (noise comes from diffusers'
     ``randn_tensor`` with the caller's generator, exactly when the original would draw it).
-    Timesteps a leading-spacing table does not cover (custom timesteps, an offset or another
-    spacing) fall back to the original step.
+    Every ``timestep_spacing`` and ``steps_offset`` is fused; timesteps the table does not
+    cover (``set_timesteps(timesteps=[...])``) fall back to the original step.
+    ``fused_calls`` / ``fallback_calls`` count which of the two ran.
     """
 
     def __init__(self, scheduler):
@@ -260,6 +290,8 @@ class FusedSchedulerStep:
         self.signature = inspect.signature(self.original)
         self.is_ddim = type(scheduler) is _diffusers().DDIMScheduler
         self._tables: dict[tuple, _FusedTable | None] = {}
+        self.fused_calls = 0
+        self.fallback_calls = 0
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -272,7 +304,9 @@ class FusedSchedulerStep:
         timestep = int(a["timestep"])
         noise_twice = a.get("variance_noise") is not None and a["generator"] is not None
         if fused is None or timestep not in fused.index_of or noise_twice:
+            self.fallback_calls += 1
             return self.original(*args, **kwargs)  # outside the table, or an error diffusers reports
+        self.fused_calls += 1
         x_prev, x0 = ops.sampler_step(
             sample, model_output, fused.step_indices[fused.index_of[timestep]], fused.table.coefs,
             noise=self._noise(a, timestep, eta), clip_range=fused.table.clip,
@@ -301,16 +335,8 @@ class FusedSchedulerStep:
         return self._tables[key]
 
     def _build_table(self, steps: int, eta: float, use_clipped: bool, device):
-        s, config = self.scheduler, self.scheduler.config
-        schedule = schedule_from_scheduler(s)
-        if self.is_ddim:
-            table = ddim_table(schedule, steps=steps, eta=eta, clip_sample=config.clip_sample,
-                               clip_range=config.clip_sample_range, set_alpha_to_one=config.set_alpha_to_one,
-                               use_clipped_model_output=use_clipped)  # fmt: skip
-        else:
-            table = ddpm_table(schedule, steps=steps, variance=_DDPM_VARIANCES[config.variance_type],
-                               form="diffusers", clip_sample=config.clip_sample,
-                               clip_range=config.clip_sample_range)  # fmt: skip
+        s = self.scheduler
+        table = table_from_scheduler(s, steps, eta, use_clipped)
         if getattr(s, "custom_timesteps", False) or not torch.equal(table.timesteps, s.timesteps.cpu().long()):
             return None
         index_of = {t: i for i, t in enumerate(table.timesteps.tolist())}
