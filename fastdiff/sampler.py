@@ -36,11 +36,12 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fastdiff import backend, ops
+from fastdiff import backend, openvino_engine, ops
 from fastdiff.acceleration import accelerate
 from fastdiff.compile import compile_for
 from fastdiff.graphs import GraphCache, GraphKey
 from fastdiff.io import SCHEDULE_ATTRIBUTE
+from fastdiff.openvino_engine import PRECISIONS, OpenVINOModel
 from fastdiff.sampling import ExternalNoise, _check_class_labels, _check_shape, draw_noise
 from fastdiff.schedule import NoiseSchedule, StepTable, linear_schedule, step_table
 
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AUTO = "auto"
+ENGINES = (AUTO, "inductor", "openvino")
+ENGINE_NAMES = {"inductor": "torch.compile", "openvino": "OpenVINO"}
 
 
 class DenoiseStep(nn.Module):
@@ -108,6 +111,11 @@ class Sampler:
       ``model.fastdiff_schedule``), else linear with T = 1000 -- with a warning for a diffusers
       UNet, whose scheduler the sampler cannot see.
 
+    ``engine`` (when compiling): "inductor" (torch.compile), "openvino" (CPU only, the optional
+    ``openvino`` package: the plain model converted and run by OpenVINO in ``dtype``'s precision,
+    the step in PyTorch float32) or "auto": OpenVINO for bf16 on a CPU where it is installed
+    (measured faster there), inductor otherwise. ``describe()["engine"]`` says which ran.
+
     ``compile``/``cuda_graphs``: True, False or "auto" (compile
     everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": for
     half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
@@ -128,6 +136,7 @@ class Sampler:
         channels_last: bool | str = AUTO,
         image_shape: tuple[int, int, int] | None = None,
         autotune: bool = True,
+        engine: str = AUTO,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -156,6 +165,7 @@ class Sampler:
         self.cuda_graphs = on_cuda and cuda_graphs in (True, AUTO)
         if cuda_graphs is True and not on_cuda:
             self._note(f"cuda_graphs=True ignored: CUDA graphs need a CUDA device, this sampler runs on {self.device}")
+        self.engine = _choose_engine(engine, self.compiled, self.device, dtype)
         self.channels_last = channels_last is True or (channels_last == AUTO and not on_cuda and dtype != torch.float32)
 
         eps_model = DiffusersEps(model) if _is_diffusers_unet(model) else model
@@ -163,8 +173,12 @@ class Sampler:
         self.report = fast.fastdiff_report
         fast = _placed(fast, self.device, dtype, self.channels_last).eval()
         self._eager_step = DenoiseStep(fast, self.table, dtype, self.channels_last)
-        # One compile per key (see fastdiff.compile: no recompile limit across keys or samplers).
-        self._compiled_step = compile_for(self._eager_step, self.device, autotune) if self.compiled else None
+        self._compiled_step = None  # the step the engine runs: compiled per key on first use
+        if self.engine == "openvino":
+            ov_model = OpenVINOModel(eps_model, dtype, threads=torch.get_num_threads())
+            self._compiled_step = DenoiseStep(ov_model, self.table, torch.float32, channels_last=False)
+        elif self.engine == "inductor":  # one compile per key: no recompile limit across keys or samplers
+            self._compiled_step = compile_for(self._eager_step, self.device, autotune)
         self._graphs = GraphCache(self._step_by_key, self.device) if self.cuda_graphs else None
         self._ready: set[GraphKey] = set()
         #: keys whose compile ("auto": run eagerly) or capture ("auto": run the loop) failed
@@ -203,13 +217,17 @@ class Sampler:
 
     def describe(self) -> dict:
         """What runs: path (in words), device, dtype, compiled, cuda_graphs, kernels, and notes."""
-        parts = [f"accelerated model ({_replaced_summary(self.report)}; ops: {self.kernels})"]
-        if self.compiled:
+        if self.engine == "openvino":
+            parts = [f"model run by OpenVINO {openvino_engine.version()} on the CPU ({PRECISIONS[self.dtype]} "
+                     "inference precision, a static-shape compile per batch)"]  # fmt: skip
+        else:
+            parts = [f"accelerated model ({_replaced_summary(self.report)}; ops: {self.kernels})"]
+        if self.engine == "inductor":
             autotuned = self.device.type == "cuda" and self.autotune
             parts.append("torch.compile (inductor, freezing" + (", max-autotune)" if autotuned else ")"))
-            if self._eager_keys:
-                parts.append(f"eager for {'; '.join(map(str, self._eager_keys))} (compile failed)")
-        layout = " channels_last" if self.channels_last else ""
+        if self._eager_keys:
+            parts.append(f"eager for {'; '.join(sorted(map(str, self._eager_keys)))} ({self.engine} failed)")
+        layout = " channels_last" if self.channels_last and self.engine != "openvino" else ""
         parts.append(f"model in {_dtype_name(self.dtype)}{layout}, step maths in float32")
         parts.append("CUDA graph per shape" if self.cuda_graphs else f"eager step loop on {self.device.type}")
         return {
@@ -217,6 +235,7 @@ class Sampler:
             "device": str(self.device),
             "dtype": _dtype_name(self.dtype),
             "compiled": self.compiled and not self._eager_keys,
+            "engine": self.engine,
             "compiled_shapes": [str(k) for k in self._ready if self._uses_compile(k)],
             "cuda_graphs": self.cuda_graphs and not self._ungraphed_keys,
             "kernels": self.kernels,
@@ -264,7 +283,7 @@ class Sampler:
                         self.table.history_size)  # fmt: skip
 
     def _uses_compile(self, key: GraphKey) -> bool:
-        return self.compiled and key not in self._eager_keys
+        return self._compiled_step is not None and key not in self._eager_keys
 
     def _graphed(self, key: GraphKey) -> bool:
         return self._graphs is not None and key not in self._ungraphed_keys
@@ -296,8 +315,9 @@ class Sampler:
         except Exception as e:  # any compiler or capture failure; re-raised unless "auto"
             failure = f"{type(e).__name__}: {e}"
             if self._uses_compile(key) and self._compile_mode == AUTO:
-                self._fallback(f"torch.compile failed for {key} ({failure}); that shape runs the accelerated "
-                               "model eagerly (much slower), shapes compiled before keep their compiled code")  # fmt: skip
+                self._fallback(f"{ENGINE_NAMES[self.engine]} failed for {key} ({failure}); that shape runs the "
+                               "accelerated model eagerly (much slower), shapes compiled before keep their compiled "
+                               "code")  # fmt: skip
                 self._eager_keys.add(key)
             elif self._graphed(key) and self._graphs_mode == AUTO:
                 self._fallback(f"CUDA graph capture failed for {key} ({failure}); that shape runs the step loop "
@@ -354,6 +374,27 @@ def _make_table(schedule, method: str | None, steps, eta, order, model: nn.Modul
     if order is not None and not method.endswith("dpmsolver++"):
         raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
     return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order)
+
+
+def _choose_engine(engine: str, compiled: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """What runs the model: "inductor" (torch.compile), "openvino" (CPU only) or "eager".
+    "auto": OpenVINO for bf16 on a CPU when it is installed (the faster engine there, see
+    fastdiff.openvino_engine), inductor otherwise."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
+    if engine == "openvino":
+        if not compiled:
+            raise ValueError("engine='openvino' compiles the model: it cannot go with compile=False")
+        if device.type != "cpu":
+            raise ValueError(f"engine='openvino' runs on the CPU, this sampler runs on {device}")
+        if not openvino_engine.available():
+            raise ImportError("engine='openvino' needs the openvino package: pip install 'fastdiff[cpu]'")
+        return "openvino"
+    if not compiled:
+        return "eager"
+    if engine == AUTO and device.type == "cpu" and dtype == torch.bfloat16 and openvino_engine.available():
+        return "openvino"
+    return "inductor"
 
 
 def _is_diffusers_scheduler(obj) -> bool:

@@ -56,6 +56,8 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
     assert main([*TINY_SAMPLE, "--accelerate", "--out", str(tmp_path / "fast")]) == 0
     out = capsys.readouterr().out
     assert "accelerated model" in out and "warm-up:" in out
+    # a progress line comes before the (long) compile, the seconds it took after it
+    assert out.index("warm-up: compiling the sampling step for batch 2") < out.index(" s (compile")
     assert main([*TINY_SAMPLE, "--out", str(tmp_path / "ref")]) == 0
     difference = np.abs(_images(tmp_path / "fast").astype(int) - _images(tmp_path / "ref").astype(int))
     assert difference.max() <= 1  # uint8 rounding of values that agree to ~1e-6
@@ -195,3 +197,40 @@ def test_sampler_on_cuda_without_gpu_says_so():
 
     with pytest.raises(RuntimeError, match="no CUDA device is available"):
         Sampler(UNet(UNetConfig.tiny()), device="cuda")
+
+
+# ---------------------------------------------------------------- threads, verify's verdicts
+
+
+@pytest.mark.parametrize("load, expected", [(0.0, 2), (0.9, 1), (7.5, 1)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, load, expected):
+    from fastdiff import commands
+
+    monkeypatch.setattr(commands.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(commands.os, "getloadavg", lambda: (load, load, load))
+    assert commands.default_threads() == expected
+
+
+def test_sample_and_verify_take_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main([*TINY_SAMPLE, "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+        assert "threads: 1 (--threads)" in capsys.readouterr().out and torch.get_num_threads() == 1
+        assert main(["verify", "--steps", "2", "--batch", "1", "--no-compile", "--no-progress", "--threads", "1",
+                     "--dtypes", "float32"]) == 0  # fmt: skip
+        assert "threads: 1 (--threads)" in capsys.readouterr().out
+        assert main([*TINY_SAMPLE, "--threads", "0"]) == 2
+        assert main([*TINY_SAMPLE, "--out", str(tmp_path / "default")]) == 0
+        assert "1-minute load" in capsys.readouterr().out  # the default says how it was chosen
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_verify_ddim_on_the_untrained_default_says_why(capsys):
+    """Deterministic DDIM on an untrained model amplifies bf16 rounding past the 30 dB bar for
+    any bf16 path: verify says so and holds fastdiff to 2x plain PyTorch's own bf16 error."""
+    assert main(["verify", "--sampler", "ddim", "--steps", "10", "--batch", "2", "--no-compile", "--no-progress",
+                 "--threads", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "bar not met (PSNR >= 30 dB)" in out and "plain PyTorch in bfloat16 (eager) is itself at" in out
+    assert "-> PASS (2x rule" in out and "FAIL" not in out

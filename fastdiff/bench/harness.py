@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.bench import environment, roofline
-from fastdiff.bench.paths import PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
+from fastdiff.bench.paths import DEFAULT_PATHS, PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
 from fastdiff.bench.telemetry import Telemetry, summarize
 from fastdiff.commands import SAMPLERS, sampler_kwargs
 from fastdiff.sampling import draw_noise
@@ -54,7 +54,7 @@ class BenchSettings:
     sampler: str = "ddim"
     dtype: str = "float32"
     device: str | None = None
-    paths: tuple[str, ...] = PATHS
+    paths: tuple[str, ...] = DEFAULT_PATHS
     repeats: int | None = None
     seed: int = 0
     quick: bool = False

@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-PATHS = ("reference", "compile", "fastdiff", "diffusers")
+PATHS = ("reference", "compile", "fastdiff", "diffusers", "openvino")
+#: What runs when no --paths are given (OpenVINO is an optional package: ask for it by name).
+DEFAULT_PATHS = ("reference", "compile", "fastdiff", "diffusers")
 
 
 class PathSkipped(Exception):
@@ -48,7 +50,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_path(name: str, ctx: BenchContext) -> BenchPath:
-    builders = {"reference": _reference, "compile": _compiled, "fastdiff": _fastdiff, "diffusers": _diffusers}
+    builders = {"reference": _reference, "compile": _compiled, "fastdiff": _fastdiff, "diffusers": _diffusers,
+                "openvino": _openvino}  # fmt: skip
     return builders[name](ctx)
 
 
@@ -63,7 +66,7 @@ def _reference(ctx: BenchContext) -> BenchPath:
                      {"loop": "fastdiff.sampling.sample_reference", "model": "fastdiff UNet, eager"})
 
 
-class _CastIO(nn.Module):
+class CastIO(nn.Module):
     """Runs ``net`` in its own dtype inside the fp32 sampling loop (the step math stays fp32)."""
 
     def __init__(self, net: nn.Module, dtype: torch.dtype):
@@ -80,7 +83,7 @@ def _compiled(ctx: BenchContext) -> BenchPath:
     mode = "max-autotune" if ctx.device.type == "cuda" else None  # CPU: inductor's default mode
     net = ctx.model if ctx.dtype == torch.float32 else copy.deepcopy(ctx.model).to(ctx.dtype)
     # eval() up front: the sampling loop would otherwise flip the shared model back to train mode after each call
-    model = _CastIO(torch.compile(net, mode=mode, dynamic=False), ctx.dtype).eval()
+    model = CastIO(torch.compile(net, mode=mode, dynamic=False), ctx.dtype).eval()
 
     def run(noise, class_labels):
         return to_unit(sample_reference(model, ctx.table, noise=noise, class_labels=class_labels, device=ctx.device))
@@ -110,7 +113,11 @@ def _fastdiff(ctx: BenchContext) -> BenchPath:
 
 def fastdiff_label(described: dict) -> str:
     """Short table label from ``Sampler.describe()``; the full sentence goes in the JSON."""
-    parts = ["compiled" if described.get("compiled") else "eager", f"ops: {described.get('kernels', '?')}"]
+    engine = described.get("engine")
+    if engine == "openvino":
+        parts = ["model on OpenVINO, step in torch fp32"]
+    else:
+        parts = ["compiled" if described.get("compiled") else "eager", f"ops: {described.get('kernels', '?')}"]
     if described.get("cuda_graphs"):
         parts.append("CUDA graphs")
     parts.append(str(described.get("dtype", "")))
@@ -154,3 +161,26 @@ def _diffusers(ctx: BenchContext) -> BenchPath:
     return BenchPath("diffusers", f"diffusers {name} (converted weights{labels_note})", ctx.dtype, run,
                      {"pipeline": name, "diffusers": diffusers.__version__,
                       "conversion_max_abs_eps_diff": max_diff, "scheduler": type(pipe.scheduler).__name__})
+
+
+def _openvino(ctx: BenchContext) -> BenchPath:
+    """The plain model converted by OpenVINO and compiled for the CPU with its default settings
+    (what a CPU user would run; its default inference precision is bf16 on CPUs with bf16
+    support), inside the fp32 reference sampling loop."""
+    from fastdiff import openvino_engine
+
+    if ctx.device.type != "cpu":
+        raise PathSkipped(f"OpenVINO runs on the CPU here, the bench runs on {ctx.device}")
+    if not openvino_engine.available():
+        raise PathSkipped("openvino is not installed (pip install 'fastdiff[cpu]')")
+    from fastdiff.sampling import sample_reference
+
+    model = openvino_engine.OpenVINOModel(ctx.model, None, threads=torch.get_num_threads()).eval()
+
+    def run(noise, class_labels):
+        return to_unit(sample_reference(model, ctx.table, noise=noise, class_labels=class_labels, device=ctx.device))
+
+    precision = openvino_engine.default_precision()
+    return BenchPath("openvino", f"OpenVINO {openvino_engine.version()} (default settings: {precision})",
+                     ctx.dtype, run, {"loop": "fastdiff.sampling.sample_reference", "openvino": openvino_engine.version(),
+                                      "inference_precision": precision, "model": "ov.convert_model of the fp32 model"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 
 
@@ -137,3 +138,34 @@ def load_model_arg(args: argparse.Namespace, device: str):
         return load_model(args.model, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model: {e}") from None
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=positive_int,
+        help="torch CPU threads (default: the cores not busy with other work -- this machine's cores "
+             "less its 1-minute load average, at least 1)",
+    )  # fmt: skip
+
+
+def default_threads() -> int:
+    """The cores left idle by other work: usable cores less the 1-minute load, rounded, >= 1.
+
+    Measured on a 2-core machine loaded by other processes (load 7-9): torch's default of
+    2 threads took 53-94 s for the default ``fastdiff sample``, 1 thread 6 s -- OpenMP threads
+    spin-wait at every parallel region for a core another process holds. On an idle machine
+    this is every core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, math.floor(cores - os.getloadavg()[0] + 0.5)))
+
+
+def apply_threads(requested: int | None) -> str:
+    """Set torch's intra-op threads (``requested``, else :func:`default_threads`); returns a
+    line for the command's output saying what was chosen and why."""
+    import torch
+
+    threads = requested or default_threads()
+    torch.set_num_threads(threads)
+    if requested:
+        return f"{threads} (--threads)"
+    return f"{threads} (of {os.cpu_count()} cores; 1-minute load {os.getloadavg()[0]:.1f}; --threads to choose)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastdiff.commands import SAMPLERS, UsageError, positive_int, seed_int
 
-PATH_NAMES = ("reference", "compile", "fastdiff", "diffusers")
+PATH_NAMES = ("reference", "compile", "fastdiff", "diffusers")  # the default; "openvino" on request
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "float32 (default: %(default)s)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--paths", default=",".join(PATH_NAMES),
-                        help="comma-separated paths to compare (default: %(default)s)")
+                        help="comma-separated paths to compare, of these and openvino (OpenVINO's default "
+                             "CPU settings; the optional openvino package) (default: %(default)s)")
     parser.add_argument("--repeats", type=positive_int,
                         help="timed calls per path and batch after warm-up (default: 7 CPU, 10 GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")

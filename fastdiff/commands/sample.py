@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from fastdiff.commands import (
-    PRESETS, SAMPLERS, UsageError, default_steps, load_model_arg, non_negative_float, positive_int, resolve_device,
-    sampler_kwargs, seed_int,
+    PRESETS, SAMPLERS, UsageError, add_threads_argument, apply_threads, default_steps, load_model_arg,
+    non_negative_float, positive_int, resolve_device, sampler_kwargs, seed_int,
 )
 
 DEFAULT_DDIM_STEPS = 50
@@ -36,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_int, default=0, help="noise seed; same seed, same images (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     large = parser.add_argument_group(
         "large-N sampling (fastdiff.shards; under torchrun each rank takes its share of the shards)"
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    threads = apply_threads(args.threads)
     from fastdiff.images import save_grid_png, save_npz
     from fastdiff.io import atomic_folder, pause_point
 
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"model:   {info.description}")
     print(f"path:    {path_name} on {device}")
+    print(f"threads: {threads}")
     print(f"sampler: {args.sampler}, {steps} steps" + (f", eta {args.eta or 0.0}" if args.sampler == "ddim" else "")
           + f", batch {args.batch} of {config.image_size}x{config.image_size}, seed {args.seed}"
           + (f", class labels cycling 0..{config.num_classes - 1}" if class_labels is not None else ""))
@@ -185,6 +188,9 @@ def build_sampler(model, table, device: str, progress: bool = True, accelerated_
         sampler = Sampler(model, table, dtype=accelerated_dtype, device=device)
 
         def warmup(shape, class_labels):
+            what = "compiling" + (" and capturing" if sampler.cuda_graphs else "") if sampler.compiled else "preparing"
+            print(f"warm-up: {what} the sampling step for batch {shape[0]} (once per shape; "
+                  "about a minute on a 2-core CPU) ...", flush=True)  # fmt: skip
             seconds = sampler.warmup(shape[0], class_labels)
             print(f"warm-up: {seconds:.2f} s (compile{' + CUDA graph capture' if sampler.cuda_graphs else ''})")
 
