@@ -33,7 +33,7 @@ def default_precision() -> str:
     """OpenVINO's own default CPU inference precision here (bf16 where the CPU has it)."""
     import openvino as ov
 
-    return str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
 
 def version() -> str:
