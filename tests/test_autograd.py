@@ -128,7 +128,7 @@ def test_opcheck_autograd_registration():
 @pytest.mark.gpu
 def test_backward_through_the_accelerated_model_on_the_gpu():
     """Fine-tuning an accelerated UNet on a GPU: backward runs the kernels' autograd, compiled too."""
-    from fastdiff.accelerate import accelerate
+    from fastdiff.acceleration import accelerate
     from fastdiff.unet import UNet, UNetConfig
 
     torch.manual_seed(0)

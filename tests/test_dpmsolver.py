@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff.accelerate import schedule_from_scheduler
+from fastdiff.acceleration import schedule_from_scheduler
 from fastdiff.dpmsolver import dpmsolver_sigmas, dpmsolver_table
 from fastdiff.sampling import draw_noise, sample_reference
 from fastdiff.schedule import linear_schedule
