@@ -4,7 +4,7 @@ Accepted objects:
 
 - fastdiff's :class:`~fastdiff.unet.UNet`, a diffusers ``UNet2DModel`` (plain, with
   ``AttnDownBlock2D``/``AttnUpBlock2D``, class-conditioned), or any other ``nn.Module``;
-- a diffusers ``DDPMScheduler`` / ``DDIMScheduler``;
+- a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler``;
 - a diffusers pipeline holding a ``unet`` and a ``scheduler`` (``DDPMPipeline``, ``DDIMPipeline``).
 
 What is replaced (see :mod:`fastdiff.fused_modules`): each GroupNorm -> SiLU pair by one
@@ -45,12 +45,14 @@ from fastdiff.fused_modules import (
     FusedSpatialSelfAttention,
     fused_resnet_block_class,
 )
+from fastdiff.fused_dpmsolver import FusedDPMSolverStep, dpmsolver_table_from_scheduler
+from fastdiff.fused_dpmsolver import unsupported_reason as dpmsolver_unsupported_reason
 from fastdiff.schedule import TIMESTEP_SPACINGS, NoiseSchedule, StepTable, ddim_table, ddpm_table
 from fastdiff.unet import GroupNormAct, SpatialSelfAttention
 
 ACCEPTED = (
     "a torch.nn.Module (fastdiff UNet, diffusers UNet2DModel, ...), "
-    "a diffusers DDPMScheduler or DDIMScheduler, "
+    "a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler, "
     "or a diffusers pipeline with a unet and a scheduler (DDPMPipeline, DDIMPipeline)"
 )
 #: Replacement kinds counted by :class:`AccelerationReport`.
@@ -206,25 +208,29 @@ def _accelerate_pipeline(pipe, report: AccelerationReport) -> None:
 
 
 def _accelerate_scheduler(scheduler, path: str, report: AccelerationReport) -> None:
-    if isinstance(getattr(scheduler, "step", None), FusedSchedulerStep):
+    if isinstance(getattr(scheduler, "step", None), (FusedSchedulerStep, FusedDPMSolverStep)):
         return
     reason = _unsupported_scheduler(scheduler)
     if reason:
         report.left_alone.append((path, reason))
         return
-    scheduler.step = FusedSchedulerStep(scheduler)  # the instance attribute shadows the class method
+    multistep = type(scheduler) is _diffusers().DPMSolverMultistepScheduler
+    # The instance attribute shadows the class method.
+    scheduler.step = FusedDPMSolverStep(scheduler) if multistep else FusedSchedulerStep(scheduler)
     report.replaced.append((path, "scheduler_step"))
 
 
 def _is_known_scheduler(obj) -> bool:
     d = _diffusers()
-    return d is not None and type(obj) in (d.DDPMScheduler, d.DDIMScheduler)
+    return d is not None and type(obj) in (d.DDPMScheduler, d.DDIMScheduler, d.DPMSolverMultistepScheduler)
 
 
 def _unsupported_scheduler(scheduler) -> str | None:
     """Why a StepTable cannot reproduce this scheduler's step, or None when it can."""
     if not _is_known_scheduler(scheduler):
-        return f"{type(scheduler).__name__} is not a DDPMScheduler or DDIMScheduler"
+        return f"{type(scheduler).__name__} is not a DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler"
+    if type(scheduler) is _diffusers().DPMSolverMultistepScheduler:
+        return dpmsolver_unsupported_reason(scheduler)
     config = scheduler.config
     if config.prediction_type != "epsilon":
         return f"prediction_type {config.prediction_type!r} (only 'epsilon' is fused)"
@@ -248,6 +254,8 @@ def table_from_scheduler(scheduler, steps: int | None = None, eta: float = 0.0,
     reason = _unsupported_scheduler(scheduler)
     if reason:
         raise ValueError(f"fastdiff cannot reproduce this scheduler's step: {reason}")
+    if type(scheduler) is _diffusers().DPMSolverMultistepScheduler:
+        return dpmsolver_table_from_scheduler(scheduler, steps or scheduler.num_inference_steps or 20)
     config = scheduler.config
     is_ddim = type(scheduler) is _diffusers().DDIMScheduler
     steps = steps or scheduler.num_inference_steps or (50 if is_ddim else config.num_train_timesteps)
@@ -365,12 +373,12 @@ def _diffusers() -> SimpleNamespace | None:
 
 
 def _load_diffusers_types() -> SimpleNamespace:
-    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
     from diffusers.models.resnet import ResnetBlock2D
 
     return SimpleNamespace(
         DiffusionPipeline=DiffusionPipeline, UNet2DModel=UNet2DModel, DDPMScheduler=DDPMScheduler,
-        DDIMScheduler=DDIMScheduler, Attention=Attention, AttnProcessor=AttnProcessor,
-        AttnProcessor2_0=AttnProcessor2_0, ResnetBlock2D=ResnetBlock2D,
+        DDIMScheduler=DDIMScheduler, DPMSolverMultistepScheduler=DPMSolverMultistepScheduler, Attention=Attention,
+        AttnProcessor=AttnProcessor, AttnProcessor2_0=AttnProcessor2_0, ResnetBlock2D=ResnetBlock2D,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 schedulers, that the result computes the same thing through fastdiff.ops, and that it shares
 (never copies) the caller's weights and leaves the caller's object as it was."""
 import collections
+import inspect
 
 import pytest
 import torch
@@ -307,12 +308,78 @@ def test_pipeline_output_matches(pipeline_type, variance_type):
     assert abs(actual - expected).max() < 1e-4
 
 
+# ---------------------------------------------------------------- DPM-Solver++ and unfusable schedulers
+
+
+def _pipe(scheduler):
+    pipe = DDPMPipeline(unet=seeded(tiny_diffusers_unet), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "config, steps",
+    [
+        (dict(solver_order=2), 6),
+        (dict(solver_order=3, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing"), 7),
+        (dict(solver_order=2, use_karras_sigmas=True, prediction_type="v_prediction"), 5),
+    ],
+)
+def test_dpmsolver_pipeline_is_fused_and_matches(config, steps, op_calls):
+    pipe = _pipe(diffusers.DPMSolverMultistepScheduler(**config))
+    fast = accelerate(pipe)
+    assert fast.fastdiff_report.counts["scheduler_step"] == 1 and not fast.fastdiff_report.left_alone
+    kwargs = dict(batch_size=2, num_inference_steps=steps, output_type="np")
+    expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    for _ in range(2):  # the second run starts from a zeroed history
+        before = op_calls["sampler_step"]
+        actual = fast(generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert op_calls["sampler_step"] - before == steps
+        assert abs(actual - expected).max() < 1e-4
+
+
+def test_dpmsolver_with_fewer_steps_than_its_order_falls_back(op_calls):
+    pipe = _pipe(diffusers.DPMSolverMultistepScheduler(solver_order=3))
+    fast = accelerate(pipe)
+    kwargs = dict(batch_size=1, num_inference_steps=2, output_type="np")
+    expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(fast(generator=torch.Generator().manual_seed(0), **kwargs).images - expected).max() < 1e-4
+    assert op_calls["sampler_step"] == 0
+
+
+@pytest.mark.parametrize(
+    "scheduler, reason",
+    [
+        (diffusers.DPMSolverMultistepScheduler(thresholding=True), "thresholding"),
+        (diffusers.DPMSolverMultistepScheduler(use_lu_lambdas=True), "use_lu_lambdas"),
+        (diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+         "algorithm_type 'dpmsolver'"),
+        (diffusers.EulerDiscreteScheduler(), "EulerDiscreteScheduler is not"),
+        (diffusers.UniPCMultistepScheduler(), "UniPCMultistepScheduler is not"),
+    ],
+)
+def test_unfusable_pipeline_schedulers_are_left_alone_and_still_work(scheduler, reason, op_calls):
+    pipe = _pipe(scheduler)
+    fast = accelerate(pipe)
+    assert fast.fastdiff_report.counts["scheduler_step"] == 0
+    assert [(path, reason in why) for path, why in fast.fastdiff_report.left_alone] == [("scheduler", True)]
+    assert "left alone: scheduler" in str(fast.fastdiff_report)
+    assert "step" not in vars(fast.scheduler)  # the class's own step, unchanged
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        return  # DDPMPipeline passes a generator: this scheduler cannot run in it, fused or not
+    kwargs = dict(batch_size=1, num_inference_steps=3, output_type="np")
+    expected = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    actual = fast(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(actual - expected).max() < 1e-4  # the unet is fused; the scheduler is diffusers' own
+    assert op_calls["sampler_step"] == 0
+
+
 # ---------------------------------------------------------------- bad input and reports
 
 
 @pytest.mark.parametrize("obj", ["unet", 3, DDPMScheduler, diffusers.EulerDiscreteScheduler()])
 def test_bad_input_lists_what_is_accepted(obj):
-    with pytest.raises(TypeError, match="accepts a torch.nn.Module .* DDPMScheduler or DDIMScheduler.* pipeline"):
+    with pytest.raises(TypeError, match="accepts a torch.nn.Module .* DDIMScheduler or DPMSolverMultistepScheduler.* pipeline"):
         accelerate(obj)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff.acceleration import schedule_from_scheduler
 from fastdiff.dpmsolver import dpmsolver_sigmas, dpmsolver_table
+from fastdiff.fused_dpmsolver import dpmsolver_table_from_scheduler
 from fastdiff.sampling import draw_noise, sample_reference
 from fastdiff.schedule import linear_schedule
 
@@ -35,18 +35,6 @@ def diffusers_trajectory(scheduler, steps, noise):
     return scheduler.timesteps, x
 
 
-def table_for(scheduler, steps):
-    c = scheduler.config
-    return dpmsolver_table(
-        schedule_from_scheduler(scheduler), steps=steps, order=c.solver_order, algorithm=c.algorithm_type,
-        solver_type=c.solver_type, prediction=c.prediction_type, spacing=c.timestep_spacing,
-        steps_offset=c.steps_offset, karras=c.use_karras_sigmas,
-        round_karras_timesteps=c.beta_schedule != "squaredcos_cap_v2", final_sigmas=c.final_sigmas_type,
-        lower_order_final=c.lower_order_final, euler_at_final=c.euler_at_final,
-        lambda_min_clipped=c.lambda_min_clipped,
-    )  # fmt: skip
-
-
 CONFIGS = [
     pytest.param(dict(solver_order=1), 10, id="order1"),
     pytest.param(dict(solver_order=2), 20, id="2m-linspace"),
@@ -73,7 +61,7 @@ CONFIGS = [
 @pytest.mark.parametrize("config, steps", CONFIGS)
 def test_trajectory_matches_diffusers(config, steps):
     scheduler = diffusers_scheduler(**config)
-    table = table_for(scheduler, steps)
+    table = dpmsolver_table_from_scheduler(scheduler, steps)
     noise = draw_noise(table, SHAPE, seed=3)
     timesteps, expected = diffusers_trajectory(scheduler, steps, noise)
     assert torch.equal(table.timesteps, timesteps)

@@ -30,14 +30,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="timed calls per path and batch after warm-up (default: 7 CPU, 10 GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=seed_int, default=0, help="noise seed shared by all paths (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("out/bench"),
-                        help="folder for JSON + PNG (default: %(default)s)")
+    parser.add_argument("--out", type=Path,
+                        help="folder for JSON + PNG (default: out/bench; with --quality benchmarks/quality)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny random model, 2 steps, batch 2, 2 repeats (< 60 s on a CPU)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress display")
+    parser.add_argument("--quality", action="store_true",
+                        help="speed at equal quality on the built-in digits model: DDPM 1000, DDIM, DPM-Solver++ "
+                             "2M/3M and SDE at several step counts, FD to held-out digits against images/s "
+                             "(eager reference path; sets cached under OUT/sets, so a stopped run resumes; "
+                             "default OUT: benchmarks/quality)")
+    parser.add_argument("--num-samples", type=positive_int, default=1000,
+                        help="--quality: samples per sampler (default: %(default)s)")
+    parser.add_argument("--chunk", type=positive_int, default=250,
+                        help="--quality: samples per sampler call (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.quality:
+        return _run_quality(args)
     from fastdiff.bench.harness import BenchSettings
 
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
@@ -49,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         settings = settings.resolved()
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+    args.out = args.out or Path("out/bench")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     if args.model is not None:
@@ -87,3 +99,21 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in re.split(r"[,\s]+", text.strip()) if part]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    """--quality: draw the sweep's sets (resuming from the cache), then write the report."""
+    out = args.out or Path("benchmarks/quality")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    import torch
+
+    from fastdiff.bench import quality
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quality.draw_sets(out, args.num_samples, args.chunk, seed=args.seed, progress=not args.no_progress)
+    report = quality.write_report(out)
+    print(quality.render_markdown(report))
+    print(f"wrote: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'} and {out / 'grids'}/")
+    return 0

@@ -1,0 +1,243 @@
+"""Speed at equal quality: samplers x steps on the shipped digits model, FD against images/s.
+
+``fastdiff bench --quality`` draws one set of N samples per (sampler, steps) of :data:`SWEEP`,
+all from the same seeds (the same x_T: common random numbers, so differences between samplers
+are not drowned by sampling noise), times each set end to end, and scores it by the Fréchet
+distance to the held-out real digits in :mod:`fastdiff.fidelity`'s feature space.
+
+DDPM-1000's noise band (the anchor, the sweep's first entry): its FD comes with a bootstrap band (``BOOTSTRAPS`` resamples of its N
+samples, the basic bootstrap interval at ``fidelity.NOISE_QUANTILE``); a sampler "reaches
+DDPM-1000's quality" when its FD is at most the band's upper edge. The FD between each set and
+the DDPM-1000 set is reported beside it.
+
+Each set is cached as it finishes (``sets/<name>.pt``: images, seconds, load average), so a run
+can be resumed and the sweep's slow part done once; the report files are written from the
+cache: ``quality.json``, ``quality.md``, ``quality.png`` (FD against images/s, Pareto front)
+and ``grids/<name>.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: (--sampler name, steps) in the order they are drawn; the first is the anchor every other is
+#: compared with (DDPM-1000, the reference sampler).
+SWEEP = (
+    [("ddpm", 1000)]
+    + [(name, steps) for name in ("dpm++2m", "dpm++3m") for steps in (5, 8, 10, 15, 20, 25)]
+    + [("ddim", steps) for steps in (10, 20, 50, 100)]
+    + [("dpm++2m-sde", 20), ("dpm++2m-sde", 50)]
+)
+BOOTSTRAPS = 200
+GRID_IMAGES = 64
+
+
+def set_name(sampler: str, steps: int) -> str:
+    return f"{sampler}-{steps}"
+
+
+def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEEP, progress: bool = True) -> None:
+    """Draw (or find cached) every set of ``sweep`` with the eager reference sampler."""
+    from fastdiff.commands import sampler_kwargs
+    from fastdiff.fidelity import draw_in_chunks
+    from fastdiff.io import atomic_write, load_model
+    from fastdiff.sampling import sample_reference
+    from fastdiff.schedule import make_schedule, step_table
+
+    model, info = load_model()
+    schedule = make_schedule(info.schedule, info.num_timesteps)
+    shape = (info.config.in_channels, info.config.image_size, info.config.image_size)
+    (out / "sets").mkdir(parents=True, exist_ok=True)
+    for sampler, steps in sweep:
+        path = out / "sets" / f"{set_name(sampler, steps)}.pt"
+        if path.exists() and torch.load(path)["images"].shape[0] == num_samples:
+            continue
+        table = step_table(schedule, steps=steps, **sampler_kwargs(sampler))
+
+        def draw(batch: int, chunk_seed: int) -> torch.Tensor:
+            return sample_reference(model, table, (batch, *shape), seed=chunk_seed)
+
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        images = draw_in_chunks(draw, num_samples, chunk, seed)
+        seconds = time.perf_counter() - start
+        record = {"sampler": sampler, "steps": steps, "model_calls": table.num_steps, "images": images,
+                  "seconds": seconds, "chunk": chunk, "seed": seed, "torch_threads": torch.get_num_threads(),
+                  "load_before": load_before, "load_after": os.getloadavg(),
+                  "path": "fastdiff.sampling.sample_reference (eager PyTorch, float32, CPU)"}  # fmt: skip
+        atomic_write(path, lambda tmp: torch.save(record, tmp))
+        if progress:
+            print(f"{set_name(sampler, steps)}: {num_samples} images in {seconds:.1f} s "
+                  f"(load {load_before[0]:.1f} -> {record['load_after'][0]:.1f})", flush=True)  # fmt: skip
+
+
+def bootstrap_band(features: np.ndarray, target: np.ndarray, fd: float, seed: int = 0) -> tuple[float, float]:
+    """Basic bootstrap interval of FD(features, target) at the fidelity noise quantile."""
+    from fastdiff.fidelity import NOISE_QUANTILE, frechet_distance
+
+    rng = np.random.default_rng(seed)
+    n = features.shape[0]
+    draws = np.array([frechet_distance(features[rng.integers(0, n, n)], target) for _ in range(BOOTSTRAPS)])
+    median = float(np.median(draws))
+    low, high = np.quantile(draws, [1 - NOISE_QUANTILE, NOISE_QUANTILE])
+    return float(max(fd - (high - median), 0.0)), float(fd + (median - low))
+
+
+def pareto_front(rows: list[dict]) -> list[str]:
+    """Names of the rows no other row beats on both images/s (higher) and FD (lower)."""
+    front = []
+    for row in rows:
+        dominated = any(
+            o["images_per_s"] >= row["images_per_s"] and o["fd_heldout"] <= row["fd_heldout"]
+            and (o["images_per_s"] > row["images_per_s"] or o["fd_heldout"] < row["fd_heldout"])
+            for o in rows
+        )  # fmt: skip
+        if not dominated:
+            front.append(row["name"])
+    return front
+
+
+def analyse(out: Path, sweep=SWEEP) -> dict:
+    """The report of every cached set of ``sweep`` (those not drawn yet are listed as missing)."""
+    from fastdiff.data import load_digits_dataset
+    from fastdiff.fidelity import NOISE_QUANTILE, DigitsFeatures, frechet_distance
+
+    features = DigitsFeatures.fit()
+    heldout = features.features(load_digits_dataset("heldout").images)
+    records = {}
+    for sampler, steps in sweep:
+        path = out / "sets" / f"{set_name(sampler, steps)}.pt"
+        if path.exists():
+            records[set_name(sampler, steps)] = torch.load(path)
+    anchor = set_name(*sweep[0])
+    if anchor not in records:
+        raise ValueError(f"the {anchor} set is not drawn yet: nothing to compare against")
+    anchor_features = features.features(records[anchor]["images"])
+    anchor_fd = frechet_distance(anchor_features, heldout)
+    band = bootstrap_band(anchor_features, heldout, anchor_fd)
+    anchor_seconds = records[anchor]["seconds"]
+    rows = []
+    for name, rec in records.items():
+        f = features.features(rec["images"])
+        n = rec["images"].shape[0]
+        fd = frechet_distance(f, heldout)
+        rows.append({
+            "name": name, "sampler": rec["sampler"], "steps": rec["steps"], "model_calls": rec["model_calls"],
+            "num_samples": n, "fd_heldout": fd, "fd_to_anchor": frechet_distance(f, anchor_features),
+            "within_anchor_band": bool(fd <= band[1]), "seconds": rec["seconds"], "images_per_s": n / rec["seconds"],
+            "speedup_vs_anchor": anchor_seconds / rec["seconds"], "load_before": rec["load_before"][0],
+            "load_after": rec["load_after"][0], "label_histogram": features.label_histogram(rec["images"]),
+        })  # fmt: skip
+    front = pareto_front(rows)
+    for row in rows:
+        row["pareto"] = row["name"] in front
+    dpm = [r for r in rows if r["sampler"].startswith("dpm++") and r["within_anchor_band"]]
+    best = min(dpm, key=lambda r: (r["model_calls"], r["seconds"])) if dpm else None
+    first = next(iter(records.values()))
+    return {
+        "schema": "fastdiff-quality/1",
+        "model": "fastdiff/weights/digits (built-in)",
+        "path": first["path"],
+        "torch_threads": first["torch_threads"],
+        "num_samples": first["images"].shape[0],
+        "seed": first["seed"],
+        "feature_space": f"hidden layer of a digits MLP (held-out accuracy {features.heldout_accuracy:.3f})",
+        "heldout_real": int(heldout.shape[0]),
+        "anchor": {"name": anchor, "fd_heldout": anchor_fd, "band": list(band), "bootstraps": BOOTSTRAPS,
+                     "quantile": NOISE_QUANTILE},  # fmt: skip
+        "missing": [set_name(s, k) for s, k in sweep if set_name(s, k) not in records],
+        "headline": None if best is None else {
+            "sampler": best["name"], "model_calls": best["model_calls"], "fd_heldout": best["fd_heldout"],
+            "speedup_vs_anchor": best["speedup_vs_anchor"],
+        },
+        "rows": rows,
+    }  # fmt: skip
+
+
+def render_markdown(report: dict) -> str:
+    anchor = report["anchor"]
+    name, band = anchor["name"].upper(), anchor["band"]
+    lines = [
+        f"# Speed at equal quality: {report['model']}",
+        "",
+        f"N = {report['num_samples']} samples per sampler (seed {report['seed']}, same x_T for all), drawn with "
+        f"{report['path']}, {report['torch_threads']} torch threads. FD: Fréchet distance to the "
+        f"{report['heldout_real']} held-out real digits in the {report['feature_space']}. {name} FD "
+        f"{anchor['fd_heldout']:.3f}, noise band [{band[0]:.3f}, {band[1]:.3f}] (basic bootstrap, "
+        f"{anchor['bootstraps']} resamples, q{round(100 * anchor['quantile'])}). "
+        "Timings are wall seconds on a shared 2-core CPU; load average (1 min) before/after each set is listed.",
+        "",
+        f"| sampler | model calls | FD to held-out | within {name} band | FD to {name} set | images/s | "
+        f"speedup vs {name} | Pareto | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(report["rows"], key=lambda r: (r["sampler"], r["steps"])):
+        lines.append(
+            f"| {r['name']} | {r['model_calls']} | {r['fd_heldout']:.3f} | {'yes' if r['within_anchor_band'] else 'no'}"
+            f" | {r['fd_to_anchor']:.3f} | {r['images_per_s']:.3f} | {r['speedup_vs_anchor']:.1f}x | "
+            f"{'*' if r['pareto'] else ''} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
+        )
+    if report["missing"]:
+        lines += ["", f"Not drawn (run stopped before them): {', '.join(report['missing'])}."]
+    head = report["headline"]
+    if head:
+        lines += ["", f"Fewest DPM-Solver++ model calls within {name}'s band: **{head['sampler']}** "
+                      f"({head['model_calls']} calls, FD {head['fd_heldout']:.3f}), "
+                      f"**{head['speedup_vs_anchor']:.1f}x** faster end to end than {name}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastdiff.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    families = sorted({r["sampler"] for r in report["rows"]})
+    for family in families:
+        rows = sorted((r for r in report["rows"] if r["sampler"] == family), key=lambda r: r["steps"])
+        ax.plot([r["images_per_s"] for r in rows], [r["fd_heldout"] for r in rows], marker="o", label=family)
+        for r in rows:
+            ax.annotate(str(r["steps"]), (r["images_per_s"], r["fd_heldout"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    front = sorted((r for r in report["rows"] if r["pareto"]), key=lambda r: r["images_per_s"])
+    ax.plot([r["images_per_s"] for r in front], [r["fd_heldout"] for r in front], "k--", lw=1, label="Pareto front")
+    low, high = report["anchor"]["band"]
+    ax.axhspan(low, high, color="grey", alpha=0.2, label=f"{report['anchor']['name']} noise band")
+    ax.set_xscale("log")
+    ax.set_xlabel("images / s (log; eager reference, shared CPU)")
+    ax.set_ylabel("FD to held-out real digits")
+    ax.set_title(f"digits model, N = {report['num_samples']}: quality against speed", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp))
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, sweep=SWEEP) -> dict:
+    """Analyse the cached sets and write quality.json/.md/.png and one sample grid per set."""
+    from fastdiff.images import save_grid_png
+    from fastdiff.io import atomic_write
+
+    report = analyse(out, sweep)
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(out / "quality.json", lambda tmp: tmp.write_text(text))
+    markdown = render_markdown(report)
+    atomic_write(out / "quality.md", lambda tmp: tmp.write_text(markdown))
+    plot(report, out / "quality.png")
+    (out / "grids").mkdir(exist_ok=True)
+    for sampler, steps in sweep:
+        path = out / "sets" / f"{set_name(sampler, steps)}.pt"
+        if path.exists():
+            save_grid_png(torch.load(path)["images"][:GRID_IMAGES], out / "grids" / f"{set_name(sampler, steps)}.png")
+    return report

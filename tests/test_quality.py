@@ -1,0 +1,57 @@
+"""The speed-at-equal-quality benchmark (fastdiff bench --quality) on a tiny sweep of the built-in model."""
+import json
+
+import pytest
+
+from fastdiff.bench import quality
+
+SWEEP = [("ddpm", 4), ("dpm++2m", 3), ("dpm++3m-sde", 3), ("ddim", 2)]
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    quality.draw_sets(out, num_samples=12, chunk=6, sweep=SWEEP, progress=False)
+    return out
+
+
+def test_report_files_and_figures(drawn):
+    report = quality.write_report(drawn, SWEEP)
+    for name in ("quality.json", "quality.md", "quality.png"):
+        assert (drawn / name).stat().st_size > 0
+    assert sorted(p.name for p in (drawn / "grids").iterdir()) == sorted(f"{s}-{k}.png" for s, k in SWEEP)
+    assert json.loads((drawn / "quality.json").read_text()) == json.loads(json.dumps(report))
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {f"{s}-{k}" for s, k in SWEEP} and report["missing"] == []
+    anchor = report["anchor"]
+    assert anchor["name"] == "ddpm-4" and anchor["band"][0] <= anchor["fd_heldout"] <= anchor["band"][1]
+    assert rows["ddpm-4"]["within_anchor_band"] and rows["ddpm-4"]["fd_to_anchor"] == 0
+    assert rows["ddpm-4"]["speedup_vs_anchor"] == 1.0
+    assert [r["model_calls"] for r in report["rows"]] == [4, 3, 3, 2]
+    assert any(r["pareto"] for r in report["rows"])
+    head = report["headline"]
+    if head is not None:
+        assert head["sampler"].startswith("dpm++") and rows[head["sampler"]]["within_anchor_band"]
+    markdown = (drawn / "quality.md").read_text()
+    assert "| dpm++2m-3 | 3 |" in markdown and "DDPM-4 FD" in markdown
+
+
+def test_cached_sets_are_not_drawn_again(drawn):
+    before = {p.name: p.stat().st_mtime_ns for p in (drawn / "sets").iterdir()}
+    quality.draw_sets(drawn, num_samples=12, chunk=6, sweep=SWEEP, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (drawn / "sets").iterdir()} == before
+
+
+def test_missing_anchor_is_an_error(drawn):
+    with pytest.raises(ValueError, match="ddpm-7 set is not drawn yet"):
+        quality.analyse(drawn, [("ddpm", 7), *SWEEP[1:]])
+
+
+def test_pareto_front():
+    rows = [
+        {"name": "slow-good", "images_per_s": 1.0, "fd_heldout": 1.0},
+        {"name": "fast-bad", "images_per_s": 10.0, "fd_heldout": 5.0},
+        {"name": "dominated", "images_per_s": 0.5, "fd_heldout": 2.0},
+        {"name": "middle", "images_per_s": 5.0, "fd_heldout": 2.0},
+    ]
+    assert quality.pareto_front(rows) == ["slow-good", "fast-bad", "middle"]
