@@ -42,6 +42,12 @@ def test_cached_sets_are_not_drawn_again(drawn):
     assert {p.name: p.stat().st_mtime_ns for p in (drawn / "sets").iterdir()} == before
 
 
+def test_scoring_the_first_n_of_each_set(drawn):
+    report = quality.analyse(drawn, SWEEP, num_samples=10)
+    assert report["num_samples"] == 10 and all(r["num_samples"] == 10 for r in report["rows"])
+    assert set(report["images_drawn_per_set"].values()) == {12}
+
+
 def test_missing_anchor_is_an_error(drawn):
     with pytest.raises(ValueError, match="ddpm-7 set is not drawn yet"):
         quality.analyse(drawn, [("ddpm", 7), *SWEEP[1:]])

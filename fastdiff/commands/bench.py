@@ -113,7 +113,7 @@ def _run_quality(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     quality.draw_sets(out, args.num_samples, args.chunk, seed=args.seed, progress=not args.no_progress)
-    report = quality.write_report(out)
+    report = quality.write_report(out, num_samples=args.num_samples)
     print(quality.render_markdown(report))
     print(f"wrote: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'} and {out / 'grids'}/")
     return 0
