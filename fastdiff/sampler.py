@@ -264,7 +264,7 @@ class Sampler:
             if noise.num_steps != self.table.num_steps:
                 raise ValueError(f"noise has {noise.num_steps} steps of z, the table has {self.table.num_steps} steps")
             noise = noise.to(device=self.device, dtype=torch.float32)
-            return noise.x_T, noise.z, None
+            return noise.x_T, noise.per_step, None
         if batch is None:
             raise ValueError("pass batch (with seed) or noise")
         if self.image_shape is None:
@@ -272,7 +272,7 @@ class Sampler:
         shape = _check_shape((batch, *self.image_shape))
         if not self.philox_seed_mode:
             drawn = draw_noise(self.table, shape, seed, device=self.device)
-            return drawn.x_T, drawn.z, None
+            return drawn.x_T, drawn.per_step, None  # z drawn a step at a time
         # x_T is draw_noise's first draw (the reference's x_T); each z comes from in-kernel Philox.
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         rng = torch.tensor([seed, 0], dtype=torch.int64)

@@ -58,12 +58,28 @@ class ExternalNoise:
             return self._z[i]
         return self._stream.step(i).to(device=self._device, dtype=self._dtype)
 
+    @property
+    def per_step(self) -> _PerStep:
+        """``z`` as loops index it (``per_step[i]``), each step drawn when asked for."""
+        return _PerStep(self)
+
     def to(self, device=None, dtype=None) -> ExternalNoise:
         x_T = self.x_T.to(device=device, dtype=dtype)
         if self._z is not None:
             return ExternalNoise(x_T, self._z.to(device=device, dtype=dtype))
         return ExternalNoise(x_T, _stream=self._stream, _device=device if device is not None else self._device,
                              _dtype=dtype if dtype is not None else self._dtype)  # fmt: skip
+
+
+class _PerStep:
+    def __init__(self, noise: ExternalNoise):
+        self._noise = noise
+
+    def __len__(self) -> int:
+        return self._noise.num_steps
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._noise.step_noise(i)
 
 
 def _shape_text(t) -> str:

@@ -157,5 +157,6 @@ def test_noise_drawn_per_step_equals_the_whole_draw(steps, shape):
     assert torch.equal(noise.x_T, x_T)
     assert all(torch.equal(noise.step_noise(i), z[i]) for i in range(steps))
     assert torch.equal(noise.step_noise(0), z[0])  # out of order: drawn again from the start
+    assert len(noise.per_step) == steps and torch.equal(noise.per_step[steps - 1], z[-1])
     assert noise._z is None  # nothing held beyond the step
     assert torch.equal(noise.z, z) and noise.num_steps == steps
