@@ -75,7 +75,7 @@ def test_quick_run_every_path_produced_samples_on_the_same_noise(quick_run):
 @pytest.mark.parametrize("args, message", [
     (("--paths", "reference,warp"), "unknown ['warp']"),
     (("--batch", "0"), "batch must be >= 1"),
-    (("--repeats", "0"), "repeats must be >= 1"),
+    (("--repeats", "0"), "--repeats: must be >= 1"),
     (("--paths", "reference,reference"), "listed twice"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, capsys, args, message):
