@@ -30,11 +30,19 @@ def interpreter_active() -> bool:
 @contextlib.contextmanager
 def interpreted_kernels():
     """Route CPU tensors through the Triton kernels under the interpreter (tests, debugging)."""
-    global _cpu_kernels_enabled
     if not interpreter_active():
         raise RuntimeError("interpreted_kernels() needs TRITON_INTERPRET=1 set before triton is imported")
     if not triton_available():
         raise RuntimeError("interpreted_kernels() needs triton installed")
+    with _cpu_tensors_take_the_kernel_route():
+        yield
+
+
+@contextlib.contextmanager
+def _cpu_tensors_take_the_kernel_route():
+    """Ops on CPU tensors call the registered fastdiff:: ops, as CUDA tensors do. Alone (without
+    the interpreter) only for compile-time analysis that never runs them (fastdiff.bench.traffic)."""
+    global _cpu_kernels_enabled
     previous, _cpu_kernels_enabled = _cpu_kernels_enabled, True
     try:
         yield

@@ -117,8 +117,8 @@ class Sampler:
     (measured faster there), inductor otherwise. ``describe()["engine"]`` says which ran.
 
     ``compile``/``cuda_graphs``: True, False or "auto" (compile
-    everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": for
-    half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
+    everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": on CUDA
+    and for half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
 
     def __init__(
         self,
@@ -166,7 +166,9 @@ class Sampler:
         if cuda_graphs is True and not on_cuda:
             self._note(f"cuda_graphs=True ignored: CUDA graphs need a CUDA device, this sampler runs on {self.device}")
         self.engine = _choose_engine(engine, self.compiled, self.device, dtype)
-        self.channels_last = channels_last is True or (channels_last == AUTO and not on_cuda and dtype != torch.float32)
+        # channels_last "auto": on CUDA, where freezing puts the convolutions in channels_last (so
+        # the fused ops between them take that layout too: no copies), and for half dtypes on CPU.
+        self.channels_last = channels_last is True or (channels_last == AUTO and (on_cuda or dtype != torch.float32))
 
         eps_model = DiffusersEps(model) if _is_diffusers_unet(model) else model
         fast = accelerate(eps_model)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.ops.attention import output_like
+
 LOG2_E = 1.4426950408889634
 MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
 
@@ -56,7 +58,7 @@ def attention_kernel(
     q_ptr,  # (B, heads, N_q, D), last dim contiguous; one [BLOCK_M, BLOCK_D] tile stays on chip
     k_ptr,  # (B, heads, N_kv, D), last dim contiguous; streamed in [BLOCK_N, BLOCK_D] tiles
     v_ptr,  # (B, heads, N_kv, D), like k_ptr
-    o_ptr,  # (B, heads, N_q, D) contiguous output in q's dtype; written once per tile
+    o_ptr,  # (B, heads, N_q, D) output in q's dtype, last dim contiguous; written once per tile
     stride_qb,
     stride_qh,
     stride_qn,
@@ -66,6 +68,9 @@ def attention_kernel(
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
     num_heads,
     n_q,
     n_kv,
@@ -86,7 +91,7 @@ def attention_kernel(
     q_ptr += batch * stride_qb + head * stride_qh
     k_ptr += batch * stride_kb + head * stride_kh
     v_ptr += batch * stride_vb + head * stride_vh
-    o_ptr += batch_head.to(tl.int64) * n_q * head_dim
+    o_ptr += batch * stride_ob + head * stride_oh
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -123,7 +128,7 @@ def attention_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(o_ptr + rows[:, None] * head_dim + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptr + rows[:, None] * stride_on + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -137,11 +142,12 @@ def pick_config(head_dim: int, dtype: torch.dtype) -> tuple[int, AttentionConfig
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Launch on validated (B, heads, N, D) tensors; returns a contiguous (B, heads, N_q, D) output."""
+    """Launch on validated (B, heads, N, D) tensors; returns the (B, heads, N_q, D) output laid
+    out as :func:`fastdiff.ops.attention.output_like` says. Strided q/k/v are read in place when their last dim is contiguous."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    out = torch.empty((batch, heads, n_q, head_dim), dtype=q.dtype, device=q.device)
+    out = output_like(q)  # fastdiff.ops.attention's layout rule, which its fake function shares
     if out.numel() == 0:
         return out
     if n_kv == 0:  # no keys: SDPA returns zeros
@@ -154,6 +160,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         heads, n_q, n_kv, head_dim, scale * LOG2_E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         # CPU tensors reach a kernel only through Triton's interpreter, which multiplies the raw
@@ -166,7 +173,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 _SIGNATURE_INTS = [
     "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
-    "stride_vb", "stride_vh", "stride_vn", "num_heads", "n_q", "n_kv", "head_dim",
+    "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on", "num_heads", "n_q", "n_kv", "head_dim",
 ]  # fmt: skip
 
 

@@ -12,10 +12,26 @@ from fastdiff.ops._checks import check_same_device, check_tensor
 MAX_HEAD_DIM = 512  # the largest head dim the kernel's tiles are sized (and checked) for
 
 
-@torch.library.custom_op("fastdiff::attention", mutates_args=())
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty (B, heads, N_q, D) output whose dimension order follows q's strides (dense, last
+    dim contiguous): q/k/v sliced out of a channels_last qkv convolution give an output laid out
+    (B, N, heads, D), which the caller's transpose-and-reshape back to (B, C, H, W) reads as a
+    channels_last view without a copy; a contiguous q gives a contiguous output."""
+    order = sorted(range(3), key=lambda d: (-q.stride(d), d))  # outer to inner among B, heads, N
+    strides = [0, 0, 0, 1]
+    step = q.shape[3]
+    for d in reversed(order):
+        strides[d] = step
+        step *= q.shape[d]
+    return torch.empty_strided(q.shape, strides, dtype=q.dtype, device=q.device)
+
+
+# flexible_layout: inductor passes q/k/v in the strides it has (views of the qkv convolution)
+# instead of copying them to their eager strides; the kernel reads any last-dim-contiguous view.
+@torch.library.custom_op("fastdiff::attention", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     if backend.kernel_path(q.device) == "reference":
-        return reference.attention(q, k, v, scale).contiguous()
+        return output_like(q).copy_(reference.attention(q, k, v, scale))
     from fastdiff.kernels.attention import attention as launch
 
     with backend.on_device(q.device):
@@ -24,7 +40,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 @_attention_op.register_fake
 def _(q, k, v, scale):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return output_like(q)
 
 
 def _setup_context(ctx, inputs, output):
@@ -72,7 +88,8 @@ def _check_args(q, k, v, scale) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over (B, heads, N, D); scale defaults to 1/sqrt(D). k and v may have
-    a different sequence length than q. Returns a contiguous (B, heads, N_q, D) tensor.
+    a different sequence length than q. Returns (B, heads, N_q, D): contiguous on the reference
+    route, laid out as :func:`output_like` says on the kernel route.
 
     NaN propagates as the formula (and PyTorch's math SDPA) says, on every route: a NaN in a
     query row makes that output row NaN; a NaN in k or v makes every output row NaN."""

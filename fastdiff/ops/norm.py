@@ -23,7 +23,9 @@ def _reference(x, weight, bias, num_groups, eps, apply_silu) -> torch.Tensor:
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+# flexible_layout: inductor hands over x in the layout it has (channels_last next to channels_last
+# convolutions) instead of copying it to its eager strides; the output follows x's layout.
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _group_norm_silu_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -61,7 +63,7 @@ def _group_stats(x, num_groups, eps) -> torch.Tensor:
     return torch.stack([mean, rstd], -1).reshape(-1, 2)
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu_train", mutates_args=())
+@torch.library.custom_op("fastdiff::group_norm_silu_train", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _group_norm_silu_train_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -90,7 +92,7 @@ def _(x, weight, bias, num_groups, eps, apply_silu):
     return torch.empty_like(x, memory_format=output_memory_format(x)), stats
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
+@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def _group_norm_silu_backward_op(
     x: torch.Tensor,
     grad: torch.Tensor,

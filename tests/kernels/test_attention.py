@@ -46,10 +46,16 @@ def fp64_truth(q, k, v, scale):
     return reference.attention(*(t.to(DEVICE, torch.float64) for t in (q, k, v)), scale).cpu()
 
 
+def sorted_shape(t):
+    """t's sizes from its outermost to its innermost dimension (by stride)."""
+    return [t.shape[d] for d in sorted(range(t.dim()), key=lambda d: -t.stride(d))]
+
+
 def check_against_torch(q, k, v, scale, what):
     out = run_kernel(q, k, v, scale)
     torch_out = reference.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale).cpu()
-    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    assert out.dtype == q.dtype and out.shape == q.shape and out.stride(-1) == 1
+    assert sorted(out.stride(), reverse=True) == list(torch.empty(sorted_shape(out)).stride()), "dense"
     assert_within_2x_of_torch(out, torch_out, fp64_truth(q, k, v, scale), what)
     return out
 
@@ -72,7 +78,9 @@ def test_strided_inputs():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 20, 3, 32, generator=gen).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
-    check_against_torch(q, k, v, None, "transposed heads")
+    out = check_against_torch(q, k, v, None, "transposed heads")
+    assert out.stride() == q.stride(), "the output is laid out (B, N, heads, D) like q"
+    assert out.transpose(1, 2).is_contiguous()
     # A last dimension that is not contiguous is copied first.
     q2, k2, v2 = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
     check_against_torch(q2, k2, v2, None, "column-major head dim")
