@@ -110,7 +110,7 @@ def step_traffic(model: torch.nn.Module, route: str, batch: int, dtype: torch.dt
     runs in ``channels_last`` (default: as the route runs it on CUDA -- fastdiff's Sampler in
     channels_last, a plain ``torch.compile`` user's model as it is, NCHW)."""
     from fastdiff import backend
-    from fastdiff.accelerate import accelerate
+    from fastdiff.acceleration import accelerate
     from fastdiff.sampler import DenoiseStep, _image_shape, _placed
     from fastdiff.schedule import ddpm_table, linear_schedule
 
