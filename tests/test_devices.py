@@ -105,6 +105,10 @@ def test_ops_and_sampler_run_on_a_non_default_device():
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     q = torch.randn(1, 2, 64, 32, device=device)
     torch.testing.assert_close(ops.attention(q, q, q).cpu(), ops.attention(q.cpu(), q.cpu(), q.cpu()), rtol=1e-5, atol=1e-5)
+    index, coefs = torch.tensor(2, device=device), TABLE.coefs.to(device)
+    x_prev, _ = ops.sampler_step(x, x, index, coefs, noise=x)
+    x_prev_cpu, _ = ops.sampler_step(x.cpu(), x.cpu(), index.cpu(), coefs.cpu(), noise=x.cpu())
+    torch.testing.assert_close(x_prev.cpu(), x_prev_cpu, rtol=1e-5, atol=1e-5)
     torch.manual_seed(0)
     model = UNet(UNetConfig.tiny()).eval()
     noise = draw_noise(TABLE, (2, 3, 16, 16), seed=0)

@@ -116,7 +116,8 @@ def _sampler_step_op(x_t, eps, step_index, coefs, noise, rng, clip_range, histor
         return x_prev.contiguous(), x0.contiguous()
     from fastdiff.kernels.sampler_step import sampler_step as launch
 
-    return launch(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
+    with backend.on_device(x_t.device):
+        return launch(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
 
 
 @_sampler_step_op.register_fake
