@@ -29,7 +29,10 @@ def run_until(point: str, command: list[str], tmp_path, sig=signal.SIGKILL) -> t
     """Run ``command`` until it pauses at ``point``, send it ``sig``; returns (exit code, stderr)."""
     pause_file = tmp_path / f"paused-at-{point}"
     env = {**os.environ, io.PAUSE_AT_ENV: point, io.PAUSE_FILE_ENV: str(pause_file)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a job started in the background (a CI runner, `cmd &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not pause_file.exists():
         if process.poll() is not None:
