@@ -10,6 +10,12 @@ What is converted is the plain model (``ov.convert_model`` traces it: fastdiff's
 not convert, and OpenVINO fuses GroupNorm+SiLU and attention itself), once per sampler; each
 (batch, class conditioning) key gets a static-shape compile of it. OpenVINO is imported only
 when this engine runs.
+
+With ``split_batch`` (the sampler's setting) a batch that divides evenly runs as one slice per
+thread, each an OpenVINO stream with its own thread, in parallel: the threads then never wait
+for each other inside a layer, which on this 2-core CPU ran the CIFAR-10 UNet's batch-16 forward
+~5% faster than one 2-thread stream (OpenVINO's default LATENCY mode, which the bench's
+OpenVINO peer keeps). Batch 1, or a batch no stream count divides, runs as one stream.
 """
 from __future__ import annotations
 
@@ -46,16 +52,17 @@ class OpenVINOModel(nn.Module):
     """``model`` (an eps model ``(x, t[, class_labels]) -> eps``) run by OpenVINO on the CPU in
     ``dtype``'s precision (None: OpenVINO's default), with PyTorch float32 tensors in and out.
     Compiles per input shape on first use (``prepare``); ``threads`` is OpenVINO's inference
-    thread count."""
+    thread count; ``split_batch``: run even slices of the batch as parallel streams
+    (:func:`streams_for`)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None, threads: int):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, threads: int, split_batch: bool = False):
         super().__init__()
         if dtype is not None and dtype not in PRECISIONS:
             raise ValueError(f"OpenVINO runs {', '.join(map(str, PRECISIONS))}, got {dtype}")
         self.source = [model]  # a list: not a submodule (OpenVINO holds its own copy of the weights)
-        self.precision, self.threads = PRECISIONS.get(dtype), threads
+        self.precision, self.threads, self.split_batch = PRECISIONS.get(dtype), threads, split_batch
         self._converted = None
-        self._requests: dict[tuple, object] = {}
+        self._requests: dict[tuple, list] = {}
 
     def _convert(self, example: tuple):
         import openvino as ov
@@ -66,22 +73,40 @@ class OpenVINOModel(nn.Module):
                 self._converted = ov.convert_model(model, example_input=example)
         return self._converted
 
-    def prepare(self, inputs: tuple[torch.Tensor, ...]):
-        """The infer request for these inputs' shapes, compiled on first use."""
+    def streams(self, batch: int) -> int:
+        return streams_for(batch, self.threads) if self.split_batch else 1
+
+    def prepare(self, inputs: tuple[torch.Tensor, ...]) -> list:
+        """The infer requests for these inputs' shapes (one per stream), compiled on first use."""
         key = tuple(tuple(i.shape) for i in inputs)
         if key not in self._requests:
             import openvino as ov
 
+            streams = self.streams(key[0][0])
             converted = self._convert(inputs)
-            converted.reshape({n: list(shape) for n, shape in enumerate(key)})
-            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
+            converted.reshape({n: [shape[0] // streams, *shape[1:]] for n, shape in enumerate(key)})
+            config = {"INFERENCE_NUM_THREADS": self.threads}
+            config.update({"PERFORMANCE_HINT": "LATENCY"} if streams == 1 else {"NUM_STREAMS": streams})
             if self.precision is not None:
                 config["INFERENCE_PRECISION_HINT"] = self.precision
-            self._requests[key] = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+            compiled = ov.Core().compile_model(converted, "CPU", config)
+            self._requests[key] = [compiled.create_infer_request() for _ in range(streams)]
         return self._requests[key]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         inputs = (x.float().contiguous(), t) if class_labels is None else (x.float().contiguous(), t, class_labels)
-        request = self.prepare(inputs)
-        outputs = request.infer([i.numpy() for i in inputs])
-        return torch.from_numpy(np.array(outputs[0], dtype=np.float32))  # a copy: the next infer reuses the buffer
+        requests = self.prepare(inputs)
+        slices = zip(*(i.tensor_split(len(requests)) for i in inputs))
+        for request, part in zip(requests, slices):
+            request.start_async([i.numpy() for i in part])  # inputs are copied in: the slices may go
+        for request in requests:
+            request.wait()
+        # copies: the next infer reuses the requests' output buffers
+        outputs = [torch.from_numpy(np.array(r.get_output_tensor(0).data, dtype=np.float32)) for r in requests]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def streams_for(batch: int, threads: int) -> int:
+    """Streams for a batch on ``threads`` threads: the most, up to one per thread, that split the
+    batch into equal slices (one compiled shape serves them all)."""
+    return max(s for s in range(1, max(1, min(batch, threads)) + 1) if batch % s == 0)

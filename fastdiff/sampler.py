@@ -177,7 +177,7 @@ class Sampler:
         self._eager_step = DenoiseStep(fast, self.table, dtype, self.channels_last)
         self._compiled_step = None  # the step the engine runs: compiled per key on first use
         if self.engine == "openvino":
-            ov_model = OpenVINOModel(eps_model, dtype, threads=torch.get_num_threads())
+            ov_model = OpenVINOModel(eps_model, dtype, threads=torch.get_num_threads(), split_batch=True)
             self._compiled_step = DenoiseStep(ov_model, self.table, torch.float32, channels_last=False)
         elif self.engine == "inductor":  # one compile per key: no recompile limit across keys or samplers
             self._compiled_step = compile_for(self._eager_step, self.device, autotune)
@@ -221,7 +221,8 @@ class Sampler:
         """What runs: path (in words), device, dtype, compiled, cuda_graphs, kernels, and notes."""
         if self.engine == "openvino":
             parts = [f"model run by OpenVINO {openvino_engine.version()} on the CPU ({PRECISIONS[self.dtype]} "
-                     "inference precision, a static-shape compile per batch)"]  # fmt: skip
+                     "inference precision, a static-shape compile per batch, split into up to "
+                     f"{self._compiled_step.model.threads} parallel one-thread streams where it divides evenly)"]  # fmt: skip
         else:
             parts = [f"accelerated model ({_replaced_summary(self.report)}; ops: {self.kernels})"]
         if self.engine == "inductor":

@@ -45,3 +45,18 @@ def test_engine_choice(model, monkeypatch):
     assert Sampler(model, TABLE, dtype=torch.bfloat16).engine == "inductor"  # auto without openvino
     with pytest.raises(ImportError, match=r"pip install 'fastdiff\[cpu\]'"):
         Sampler(model, TABLE, engine="openvino")
+
+
+@pytest.mark.parametrize("batch, threads, streams", [(1, 2, 1), (16, 2, 2), (15, 2, 1), (6, 4, 3), (4, 1, 1), (8, 4, 4)])
+def test_streams_split_the_batch_evenly(batch, threads, streams):
+    assert openvino_engine.streams_for(batch, threads) == streams
+
+
+def test_split_batch_gives_the_one_stream_answer(model):
+    pytest.importorskip("openvino")
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([999, 10, 500, 0])
+    whole = openvino_engine.OpenVINOModel(model, torch.float32, threads=2)
+    split = openvino_engine.OpenVINOModel(model, torch.float32, threads=2, split_batch=True)
+    assert len(split.prepare((x, t))) == 2 and len(whole.prepare((x, t))) == 1
+    torch.testing.assert_close(split(x, t), whole(x, t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split(x, t), model(x, t), rtol=1e-4, atol=1e-4)  # each row is its own sample
