@@ -61,3 +61,18 @@ def test_pareto_front():
         {"name": "middle", "images_per_s": 5.0, "fd_heldout": 2.0},
     ]
     assert quality.pareto_front(rows) == ["slow-good", "fast-bad", "middle"]
+
+
+def test_headline_speedup_is_measured_on_the_scored_images(drawn):
+    result = quality.measure_speedup(drawn, "dpm++2m", 3, num_samples=4, repeats=2, sweep=SWEEP,
+                                     sampler_options={"compile": False})  # fmt: skip
+    assert result["anchor"]["name"] == "ddpm-4" and result["accelerated"]["name"] == "dpm++2m-3"
+    assert result["anchor"]["max_abs_vs_set"] < 1e-4 and result["accelerated"]["max_abs_vs_set"] < 1e-4
+    assert len(result["accelerated"]["seconds_all"]) == 2 and result["speedup"] > 0
+    assert quality.read_speedup(drawn, "dpm++2m-3") == json.loads(json.dumps(result))
+    assert quality.read_speedup(drawn, "dpm++2m-3", num_samples=5) is None  # measured on 4 images
+    assert quality.read_speedup(drawn, "dpm++3m-3") is None
+    text = quality.render_speedup(result)
+    assert "dpm++2m-3" in text and "faster at DDPM-4's quality" in text
+    with pytest.raises(ValueError, match="first chunk"):
+        quality.measure_speedup(drawn, "dpm++2m", 3, num_samples=7, sweep=SWEEP)

@@ -44,6 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="--quality: samples per sampler (default: %(default)s)")
     parser.add_argument("--chunk", type=positive_int, default=250,
                         help="--quality: samples per sampler call (default: %(default)s)")
+    parser.add_argument("--speedup-samples", type=positive_int, default=100,
+                        help="--quality: images the headline's end-to-end timing runs on (reference DDPM-1000 "
+                             "against fastdiff's Sampler; at most --chunk) (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +116,7 @@ def _run_quality(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     quality.draw_sets(out, args.num_samples, args.chunk, seed=args.seed, progress=not args.no_progress)
+    quality.ensure_speedup(out, min(args.speedup_samples, args.chunk, args.num_samples), scored=args.num_samples)
     report = quality.write_report(out, num_samples=args.num_samples)
     print(quality.render_markdown(report))
     print(f"wrote: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'} and {out / 'grids'}/")
