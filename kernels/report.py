@@ -5,8 +5,9 @@
 Finds every module of ``fastdiff.kernels`` that defines ``aot_specs()`` (``--kernel`` picks
 some by short name, or any importable module by dotted name), compiles each config for each
 target, and prints a markdown table per kernel: shared memory against the GPU's limit,
-registers and spills from ptxas. Exits non-zero if a config fails to compile or needs more
-shared memory than the target has. Needs no GPU.
+registers and spills from ptxas, the width of the PTX's global loads, and whether the configs
+that expect vectorised tile loads got them. Exits non-zero if a config fails to compile or needs more
+shared memory than the target has, or misses its vector loads. Needs no GPU.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from fastdiff.kernels.aot import SHARED_LIMIT, AotSpec, CompileResult, check_arc
 
 PACKAGE = "fastdiff.kernels"
 _NOT_KERNELS = {"aot", "report"}
-_TABLE_HEADER = ("| config | constexprs; warps, stages | target | shared B (% of limit) | registers | spills B "
-                 "| status |")
+_TABLE_HEADER = ("| config | constexprs; warps, stages; ints the JIT knows %16 | target | shared B (% of limit) "
+                 "| registers | spills B | ld.global B x count | status |")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def _compile_job(module_name: str, index: int, arch: int) -> CompileResult:
 def _dedup_key(spec: AotSpec, arch: int) -> tuple:
     fn = spec.fn
     return (getattr(fn, "__module__", None), getattr(fn, "__name__", repr(fn)), tuple(sorted(spec.signature.items())),
-            tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())), spec.num_warps, spec.num_stages, arch)
+            tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())), repr(spec.attrs), spec.vector_load_bytes,
+            spec.vector_loads, spec.num_warps, spec.num_stages, arch)
 
 
 @contextlib.contextmanager
@@ -160,7 +162,16 @@ def _status(result: CompileResult) -> str:
         return "FAILED: " + summary[:200]
     if not result.fits:
         return "FAILED: over the shared-memory limit"
-    return "ok (spills)" if result.spill_bytes else "ok"
+    if result.vectorised is False:
+        return "FAILED: tile loads not vectorised"
+    status = "ok (spills)" if result.spill_bytes else "ok"
+    return status + (", vectorised" if result.vectorised else "")
+
+
+def _loads_cell(result: CompileResult) -> str:
+    if not result.load_bytes:
+        return "-"
+    return " ".join(f"{width}x{count}" for width, count in result.load_bytes.items())
 
 
 def _shared_cell(result: CompileResult) -> str:
@@ -177,12 +188,13 @@ def format_markdown(report: Report) -> str:
         if kernel in report.module_errors:
             lines.append(f"FAILED to list configs: {report.module_errors[kernel]}")
             continue
-        lines += [_TABLE_HEADER, "|---|---|---|---:|---:|---:|---|"]
+        lines += [_TABLE_HEADER, "|---|---|---|---:|---:|---:|---|---|"]
         for row in (r for r in report.rows if r.kernel == kernel):
             result = row.result
             cells = [result.name, row.spec.describe(), f"sm_{result.arch}", _shared_cell(result),
                      "-" if result.registers is None else str(result.registers),
-                     "-" if result.spill_bytes is None else str(result.spill_bytes), _status(result)]
+                     "-" if result.spill_bytes is None else str(result.spill_bytes), _loads_cell(result),
+                     _status(result)]
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     n_configs = len(report.rows) // max(len(report.archs), 1)
     n_ok = sum(row.result.ok for row in report.rows)

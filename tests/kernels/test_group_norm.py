@@ -132,12 +132,137 @@ def test_block_config(channels_per_group, block_c):
 
 
 def test_aot_specs_cover_every_launch_config():
-    listed = {(s.constexprs["BLOCK_C"], s.constexprs["BLOCK_HW"]) for s in gn.aot_specs()}
-    picked = {gn._block_config(cpg) for cpg in range(1, 300)}
-    assert picked <= listed
-    switches = {tuple(s.constexprs[k] for k in ("CHANNELS_LAST", "HAS_AFFINE", "APPLY_SILU")) for s in gn.aot_specs()}
-    assert len(switches) == 8
-    assert {(s.num_warps, s.num_stages) for s in gn.aot_specs()} == {(gn.NUM_WARPS, gn.NUM_STAGES)}
+    specs = gn.aot_specs()
+    for kernel in ("group_norm_silu_kernel", "group_norm_silu_backward_kernel"):
+        listed = {tuple(s.constexprs[k] for k in ("BLOCK_C", "BLOCK_HW", "GROUP_ALIGN", "CHANNELS_LAST"))
+                  for s in specs if s.fn.__name__ == kernel}
+        for cpg in range(1, 300):
+            for channels_last in (False, True):
+                p = gn.plan(64, 32 * cpg, 256, 32, 2, channels_last, sm_count=None)
+                assert (p.block_c, p.block_hw, p.group_align, channels_last) in listed, (kernel, cpg, channels_last)
+    forward = [s for s in specs if s.fn.__name__ == "group_norm_silu_kernel"]
+    switches = {tuple(s.constexprs[k] for k in ("CHANNELS_LAST", "HAS_AFFINE", "APPLY_SILU", "STORE_STATS")) for s in forward}
+    assert len(switches) == 16
+    split = {(s.fn.__name__, s.constexprs["CHANNELS_LAST"]) for s in specs if "slices" in s.signature}
+    assert split == {(k, cl) for k in ("group_norm_partial_stats_kernel", "group_norm_silu_apply_kernel") for cl in (0, 1)}
+    assert {(s.num_warps, s.num_stages) for s in specs} == {(gn.NUM_WARPS, gn.NUM_STAGES)}
+    # Both layouts are held to 16-byte tile loads at the Ho UNet's C/G = 8 (bf16).
+    ho = [s for s in forward if s.name.endswith("x256x256g32_affine_silu")]
+    assert sorted((s.constexprs["CHANNELS_LAST"], s.vector_load_bytes) for s in ho) == [(False, 16), (True, 16)]
+
+
+def test_aot_specs_carry_the_jit_specialisation():
+    by_name = {s.name: s for s in gn.aot_specs()}
+    spec = by_name["group_norm_silu_cl_bf16_1x256x256g32_affine_silu"]  # one tile: no split at batch 1
+    names = list(spec.signature)
+    divisible = {names[i] for (i,), attrs in spec.attrs.items() if ["tt.divisibility", 16] in attrs}
+    # HW = 256 and num_groups = 32 are multiples of 16; C/G = 8 is not; every pointer is aligned.
+    assert divisible == {"x_ptr", "y_ptr", "weight_ptr", "bias_ptr", "stats_ptr", "HW", "num_groups"}
+    assert spec.signature["channels_per_group"] == "i32" and spec.signature["eps"] == "fp32"
+    # C/G = 1 is specialised to a constant, as the JIT does with an integer argument equal to 1.
+    one = [s for s in by_name.values() if s.constexprs.get("channels_per_group") == 1]
+    assert one and all(s.signature["channels_per_group"] == "constexpr" for s in one)
+
+
+@pytest.mark.parametrize(
+    "channels_per_group,element_size,channels_last,align",
+    [(4, 2, True, 4), (8, 2, True, 8), (12, 2, True, 4), (16, 2, True, 8), (16, 4, True, 4), (10, 2, True, 2),
+     (3, 2, True, 1), (1, 4, True, 1), (8, 2, False, 1)],
+)  # fmt: skip
+def test_group_align(channels_per_group, element_size, channels_last, align):
+    assert gn.group_align(channels_per_group, element_size, channels_last) == align
+
+
+@pytest.mark.parametrize(
+    "groups,tiles,sm_count,slices",
+    [
+        pytest.param(32, 8, None, 1, id="no SM count (CPU): one program per group"),
+        pytest.param(32, 8, 132, 8, id="batch 1 on an H100: one slice per tile"),
+        pytest.param(32, 40, 132, 17, id="enough slices for ~4 programs per SM"),
+        pytest.param(128, 40, 132, 5, id="batch 4"),
+        pytest.param(264, 40, 132, 1, id="2 programs per SM already: no split"),
+        pytest.param(32, 1, 132, 1, id="a one-tile group is never split"),
+    ],
+)
+def test_split_policy(groups, tiles, sm_count, slices):
+    assert gn.slices_per_group(groups, tiles, sm_count) == slices
+
+
+@pytest.mark.parametrize("hw", [16, 100, 512, 513, 1089, 4096, 4097, 65536])
+@pytest.mark.parametrize("sm_count", [None, 8, 132, 10_000])
+def test_plan_slices_cover_the_group_without_empty_slices(hw, sm_count):
+    for channels_per_group in (1, 4, 12, 64):
+        p = gn.plan(1, 32 * channels_per_group, hw, 32, 2, True, sm_count)
+        if p.slices == 1:
+            assert p.hw_per_slice == hw
+            continue
+        assert p.hw_per_slice % p.block_hw == 0
+        assert (p.slices - 1) * p.hw_per_slice < hw <= p.slices * p.hw_per_slice
+        assert p.slices <= gn.slices_per_group(32, triton_cdiv(hw, p.block_hw), sm_count)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+# Split-group path: awkward shapes whose groups span several tiles, forced by a large SM count.
+# (label, shape, num_groups, affine, apply_silu)
+SPLIT_CASES = [
+    ("C/G=4, 3 tiles, ragged last slice", (1, 8, 33, 33), 2, "both", True),
+    ("C/G=12 (masked channels), 2 slices of 2 tiles", (2, 24, 20, 20), 2, "bias", False),
+    ("C/G=2, no affine", (1, 6, 30, 30), 3, "none", True),
+]
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Names of the kernels the launchers run, in order."""
+    names = []
+    run = gn._run
+
+    def spy(launch):
+        names.append(launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__)
+        return run(launch)
+
+    monkeypatch.setattr(gn, "_run", spy)
+    return names
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label,shape,num_groups,affine,apply_silu", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_group_path_matches_reference(label, shape, num_groups, affine, apply_silu, dtype, memory_format, launched):
+    x, weight, bias = make_inputs(shape, affine, dtype, memory_format)
+    n, c, h, w = shape
+    p = gn.plan(n, c, h * w, num_groups, x.element_size(), memory_format == torch.channels_last, 1000)
+    assert p.slices > 1
+    dx, dweight, dbias = to_device(x, weight, bias)
+    out = gn.group_norm_silu(dx, dweight, dbias, num_groups, 1e-5, apply_silu, sm_count=1000)
+    assert launched == ["group_norm_partial_stats_kernel", "group_norm_silu_apply_kernel"]
+    torch_out = reference.group_norm_silu(dx, dweight, dbias, num_groups, 1e-5, apply_silu)
+    assert_within_2x_of_torch(out.cpu(), torch_out.cpu(), fp64_truth(x, weight, bias, num_groups, 1e-5, apply_silu), label)
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["nchw", "channels_last"])
+def test_split_group_path_stores_the_statistics_of_one_program(memory_format):
+    # Training saves [mean of x - pivot, rstd] per group for the backward: the split path's merge
+    # must give what the one-program kernel gives.
+    x, weight, bias = make_inputs((2, 8, 33, 33), "both", torch.float32, memory_format)
+    stats_one, stats_split = (torch.empty(2 * 2, 2, device=DEVICE) for _ in range(2))
+    dx, dweight, dbias = to_device(x, weight, bias)
+    one = gn.group_norm_silu(dx, dweight, dbias, 2, 1e-5, True, stats_one)
+    split = gn.group_norm_silu(dx, dweight, dbias, 2, 1e-5, True, stats_split, sm_count=1000)
+    torch.testing.assert_close(stats_split, stats_one, rtol=1e-5, atol=1e-6)
+    assert_close(split, one)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_split_group_path_nan_poisons_only_its_group():
+    x, weight, bias = make_inputs((1, 8, 33, 33), "both", torch.float32)
+    x[0, 5, 30, 2] = float("nan")  # group 1 (channels 4..7), in its last slice
+    out = gn.group_norm_silu(*to_device(x, weight, bias), 2, 1e-5, True, sm_count=1000).cpu()
+    assert out[0, 4:].isnan().all() and not out[0, :4].isnan().any()
 
 
 # ---------------------------------------------------------------- GPU: the Ho UNet's shapes
@@ -157,3 +282,14 @@ def test_gpu_ho_shapes(shape, dtype, memory_format):
     x, weight, bias = make_inputs(shape, "both", dtype, memory_format)
     out = check_against_torch(x, weight, bias, 32, 1e-6, True, f"{shape} {dtype}")
     assert out.is_cuda and out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 128, 32, 32), (1, 384, 16, 16), (2, 512, 64, 64)], ids=str)
+def test_gpu_split_group_path_at_batch_1(shape, memory_format, launched):
+    # The device's own SM count drives the policy: a batch-1 UNet's 32 groups take the split path.
+    x, weight, bias = make_inputs(shape, "both", torch.bfloat16, memory_format)
+    out = check_against_torch(x, weight, bias, 32, 1e-6, True, f"{shape} split")
+    assert launched == ["group_norm_partial_stats_kernel", "group_norm_silu_apply_kernel"]
+    assert out.is_contiguous(memory_format=memory_format)
