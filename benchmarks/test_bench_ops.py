@@ -4,6 +4,17 @@ TFLOP/s (attention) in each benchmark's ``extra_info``.
 
     pytest benchmarks/ --benchmark-columns=median,iqr --benchmark-sort=name
 
+Two comparisons exist to be run on the first GPU, where fastdiff picks a route by default rather
+than by measurement (``-k "routes or split"``; skipped without a GPU):
+
+- attention: the fastdiff Triton kernel against ``F.scaled_dot_product_attention`` restricted to
+  its FlashAttention-2 backend, at the head dims both take (the op routes D <= 256 in fp16/bf16 to
+  SDPA until this says otherwise; ``fastdiff.ops.attention.flash_takes``);
+- GroupNorm at batch 1 and 8: one program per (sample, group) against the split-group path
+  (``fastdiff.kernels.group_norm.slices_per_group`` picks it below 2 programs per SM).
+
+The ``fastdiff`` attention rows record the route the op took in ``extra_info["route"]``.
+
 On a GPU the fastdiff ops run their Triton kernels and are timed with
 ``triton.testing.do_bench`` (CUDA events, cache flushed between calls); the pytest-benchmark
 row beside it times synchronized host calls. On a CPU no Triton kernel runs: fastdiff's ops
@@ -21,6 +32,7 @@ import torch
 
 from fastdiff import ops, reference
 from fastdiff.backend import kernel_path
+from fastdiff.ops.attention import flash_takes, route, sdpa_flash
 from fastdiff.schedule import linear_schedule, step_table
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,7 +146,59 @@ def test_attention(benchmark, impl, dtype, shape):
     fn = _implementation(impl, "attention")
     scale = 1.0 / math.sqrt(d)
     _label(benchmark, impl, dtype, q.shape)
+    if impl == "fastdiff":
+        benchmark.extra_info["route"] = route(q, k, v)
     _measure(benchmark, lambda: fn(q, k, v, scale), flops=4 * ATTN_BATCH * heads * n * n * d)
+
+
+# (heads, positions, head dim) both the fastdiff kernel and FlashAttention-2 take, and D=512 (the
+# 256x256 DDPMs), which only the kernel takes.
+ROUTE_SHAPES = {"16x16-N256-D256": (1, 256, 256), "32x32-N1024-D64x4": (4, 1024, 64), "16x16-N256-D512": (1, 256, 512)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="compares two GPU implementations")
+@pytest.mark.parametrize("impl", ("fastdiff-kernel", "sdpa-flash"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("shape", ROUTE_SHAPES.values(), ids=ROUTE_SHAPES.keys())
+def test_attention_routes(benchmark, impl, dtype, shape):
+    from fastdiff.kernels.attention import attention as kernel
+
+    heads, n, d = shape
+    if impl == "sdpa-flash" and not flash_takes(dtype, d, True, torch.cuda.get_device_capability(DEVICE)):
+        pytest.skip(f"FlashAttention-2 does not take D={d} {dtype} here")
+    benchmark.group = f"attention routes N={n} D={d} {dtype}"
+    q, k, v = (_randn(ATTN_BATCH, heads, n, d, dtype=dtype) * (i + 1) for i in range(3))
+    fn = kernel if impl == "fastdiff-kernel" else sdpa_flash
+    scale = 1.0 / math.sqrt(d)
+    _label(benchmark, "fastdiff", dtype, q.shape)
+    benchmark.extra_info["timed"] = impl
+    _measure(benchmark, lambda: fn(q, k, v, scale), flops=4 * ATTN_BATCH * heads * n * n * d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="the split-group policy depends on the GPU's SM count")
+@pytest.mark.parametrize("path", ("one program per group", "split groups"))
+@pytest.mark.parametrize("batch", (1, 8))
+@pytest.mark.parametrize("shape", NORM_SHAPES.values(), ids=NORM_SHAPES.keys())
+def test_group_norm_split(benchmark, path, batch, shape):
+    from fastdiff.kernels import group_norm as gn
+
+    benchmark.group = f"group_norm_silu paths ({batch}, {shape}) bf16 channels_last"
+    x = _randn(batch, *shape, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    weight, bias = _randn(shape[0], dtype=torch.bfloat16), _randn(shape[0], dtype=torch.bfloat16)
+    # sm_count=1: 32 groups are >= 2 programs per SM, so one program per group; a large count
+    # makes the policy split every group into as many slices as it has tiles.
+    sm_count = 1 if path == "one program per group" else 10**6
+    plan = gn.plan(batch, shape[0], shape[1] * shape[2], 32, 2, True, sm_count)
+    if path == "split groups" and plan.slices == 1:
+        pytest.skip("a group of one tile is never split")
+    out = gn.group_norm_silu(x, weight, bias, 32, 1e-6, True, sm_count=sm_count)
+    _label(benchmark, "fastdiff", torch.bfloat16, x.shape)
+    policy = gn.plan(batch, shape[0], shape[1] * shape[2], 32, 2, True, gn.device_sm_count(DEVICE)).slices
+    benchmark.extra_info.update(timed=path, slices=plan.slices, policy_slices_on_this_gpu=policy)
+    _measure(benchmark, lambda: gn.group_norm_silu(x, weight, bias, 32, 1e-6, True, sm_count=sm_count),
+             bytes_moved=_unique_bytes([x, weight, bias, out]))
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     CPU SDPA kernel returns zeros for it; the math and the Triton kernel give NaN).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return nan_query_rows(F.scaled_dot_product_attention(q, k, v, scale=scale), q)
+
+
+def nan_query_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` with every row whose query holds a NaN set to NaN, as the formula says (an SDPA
+    backend may return zeros or an unnormalised row there)."""
     return out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
 
 

@@ -41,6 +41,7 @@ from fastdiff.acceleration import accelerate
 from fastdiff.compile import compile_for
 from fastdiff.graphs import GraphCache, GraphKey
 from fastdiff.io import SCHEDULE_ATTRIBUTE
+from fastdiff.ops.attention import recording_routes
 from fastdiff.openvino_engine import PRECISIONS, OpenVINOModel
 from fastdiff.sampling import ExternalNoise, _check_class_labels, _check_shape, draw_noise
 from fastdiff.schedule import NoiseSchedule, StepTable, linear_schedule, step_table
@@ -186,6 +187,8 @@ class Sampler:
         #: keys whose compile ("auto": run eagerly) or capture ("auto": run the loop) failed
         self._eager_keys: set[GraphKey] = set()
         self._ungraphed_keys: set[GraphKey] = set()
+        #: attention routes the model's calls took (fastdiff.ops.attention.recording_routes)
+        self._attention_routes: set[str] = set()
 
     # ------------------------------------------------------------ public API
 
@@ -196,7 +199,7 @@ class Sampler:
         x_T, z, rng = self._noise(batch, seed, noise)
         class_labels = self._labels(class_labels, x_T.shape[0])
         key = self._key(x_T, class_labels, "given" if rng is None else "philox")
-        with backend.on_device(self.device), backend.exact_fp32():
+        with backend.on_device(self.device), backend.exact_fp32(), recording_routes(self._attention_routes):
             self._prepare(key)
             if self._graphed(key):
                 return self._graphs.get(key).run(x_T, self.table.num_steps, z, rng, class_labels)
@@ -211,14 +214,16 @@ class Sampler:
         x = torch.zeros((batch, *self.image_shape), device=self.device)
         class_labels = self._labels(class_labels, batch)
         philox = self.philox_seed_mode and not external_noise
-        with torch.no_grad(), backend.on_device(self.device), backend.exact_fp32():
+        with torch.no_grad(), backend.on_device(self.device), backend.exact_fp32(), \
+                recording_routes(self._attention_routes):
             self._prepare(self._key(x, class_labels, "philox" if philox else "given"))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
     def describe(self) -> dict:
-        """What runs: path (in words), device, dtype, compiled, cuda_graphs, kernels, and notes."""
+        """What runs: path (in words), device, dtype, compiled, cuda_graphs, kernels, the attention
+        routes taken, and notes."""
         if self.engine == "openvino":
             parts = [f"model run by OpenVINO {openvino_engine.version()} on the CPU ({PRECISIONS[self.dtype]} "
                      "inference precision, a static-shape compile per batch, split into up to "
@@ -233,6 +238,8 @@ class Sampler:
         layout = " channels_last" if self.channels_last and self.engine != "openvino" else ""
         parts.append(f"model in {_dtype_name(self.dtype)}{layout}, step maths in float32")
         parts.append("CUDA graph per shape" if self.cuda_graphs else f"eager step loop on {self.device.type}")
+        if self._attention_routes:
+            parts.append(f"attention: {'; '.join(sorted(self._attention_routes))}")
         return {
             "path": ", ".join(parts),
             "device": str(self.device),
@@ -242,6 +249,9 @@ class Sampler:
             "compiled_shapes": [str(k) for k in self._ready if self._uses_compile(k)],
             "cuda_graphs": self.cuda_graphs and not self._ungraphed_keys,
             "kernels": self.kernels,
+            # routes taken so far (sdpa-flash / fastdiff-kernel / reference, with D and dtype); empty
+            # before the first run, or where attention ran on the reference route inside compiled code
+            "attention": sorted(self._attention_routes),
             "noise": "seed mode: z " + ("drawn in-kernel (Philox)" if self.philox_seed_mode else "from draw_noise"),
             "notes": list(self.notes),
         }

@@ -244,3 +244,13 @@ def test_readme_section_is_rebuilt_from_the_results_folder(quick_run, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         report.update_readme(readme, results)
+
+
+def test_fastdiff_label_names_the_attention_routes():
+    described = {"compiled": True, "kernels": "triton", "cuda_graphs": True, "dtype": "bfloat16",
+                 "attention": ["sdpa-flash (D=256, bfloat16)", "fastdiff-kernel (D=512, bfloat16)",
+                               "sdpa-flash (D=64, bfloat16)"]}  # fmt: skip
+    label = paths.fastdiff_label(described)
+    assert label == ("fastdiff Sampler (compiled, ops: triton, CUDA graphs, attention: fastdiff-kernel+sdpa-flash, "
+                     "bfloat16)")
+    assert "attention" not in paths.fastdiff_label({**described, "attention": []})

@@ -65,6 +65,8 @@ def test_bf16_graphs_hold_30_db(model):
     noise = draw_noise(table, SHAPE, seed=2)
     sampler = Sampler(model, table, device="cuda", dtype=torch.bfloat16, autotune=False)
     assert psnr(sampler.sample(noise=noise).cpu(), sample_reference(model, table, noise=noise)) >= 30.0
+    # The tiny model's attention has one head of D=64: FlashAttention-2 takes it (recorded at capture).
+    assert sampler.describe()["attention"] == ["sdpa-flash (D=64, bfloat16)"]
 
 
 def test_seed_mode_draws_philox_noise_in_the_kernel(model):

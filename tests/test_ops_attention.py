@@ -1,5 +1,7 @@
 """The registered ``fastdiff::attention`` op: routes, argument checks, torch.library and
 torch.compile integration. Kernel accuracy lives in tests/kernels/test_attention.py."""
+import importlib
+
 import pytest
 import torch
 from helpers import assert_close, count_launches
@@ -7,6 +9,9 @@ from helpers import assert_close, count_launches
 import fastdiff.kernels.attention as attention_kernel
 from fastdiff import reference
 from fastdiff.ops import attention
+
+# The module, not the function fastdiff.ops re-exports under the same name.
+attention_op = importlib.import_module("fastdiff.ops.attention")
 
 SHAPE = (2, 2, 24, 32)  # (B, heads, N, D)
 
@@ -139,13 +144,86 @@ def test_compiles_without_graph_breaks(route, launches):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [256, 512])
-def test_cuda_op_runs_the_kernel(launches, head_dim):
-    q, k, v = (t.cuda() for t in make_qkv((4, 1, 256, head_dim), dtype=torch.bfloat16))
-    out = attention(q, k, v)
-    assert len(launches) == 1 and out.is_cuda
+@pytest.mark.parametrize(
+    "head_dim,dtype,expected",
+    [
+        pytest.param(256, torch.bfloat16, attention_op.SDPA_FLASH, id="D=256 bf16: SDPA flash"),
+        pytest.param(64, torch.float16, attention_op.SDPA_FLASH, id="D=64 fp16: SDPA flash"),
+        pytest.param(512, torch.bfloat16, attention_op.KERNEL, id="D=512: no flash backend, fastdiff kernel"),
+        pytest.param(256, torch.float32, attention_op.KERNEL, id="fp32: fastdiff kernel"),
+        pytest.param(48 + 4, torch.bfloat16, attention_op.KERNEL, id="D=52, not a multiple of 8: fastdiff kernel"),
+    ],
+)
+def test_cuda_op_routes(launches, head_dim, dtype, expected):
+    q, k, v = (t.cuda() for t in make_qkv((4, 1, 256, head_dim), dtype=dtype))
+    with attention_op.recording_routes(set()) as recorded:
+        out = attention(q, k, v)
+    assert recorded == {f"{expected} (D={head_dim}, {str(dtype).removeprefix('torch.')})"}
+    assert len(launches) == (expected == attention_op.KERNEL) and out.is_cuda
     assert_close(out, reference.attention(q.double(), k.double(), v.double()))
     torch.library.opcheck(torch.ops.fastdiff.attention.default, (q, k, v, None))
+
+
+@pytest.mark.gpu
+def test_cuda_sdpa_route_keeps_nan_semantics_and_layout():
+    q, k, v = (t.cuda() for t in make_qkv((2, 2, 64, 64), dtype=torch.bfloat16))
+    q[1, 0, 3, 5] = float("nan")
+    out = attention(q, k, v)
+    assert out[1, 0, 3].isnan().all() and out.isnan().sum() == 64
+    k[0, 1, 7, 0] = float("nan")
+    out = attention(q, k, v)
+    assert out[0, 1].isnan().any(-1).all() and not out[0, 0].isnan().any()
+    qkv = torch.randn(2, 3 * 64, 8, 8, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    q, k, v = qkv.reshape(2, 3, 1, 64, 64).transpose(-1, -2).unbind(1)  # the UNet's views of a channels_last conv
+    out = attention(q, k, v)
+    assert out.stride() == attention_op.output_like(q).stride()
+
+
+# ---------------------------------------------------------------- routes (CPU)
+
+
+@pytest.mark.parametrize(
+    "dtype,head_dim,contiguous,capability,takes",
+    [
+        (torch.bfloat16, 256, True, (9, 0), True),
+        (torch.float16, 8, True, (8, 0), True),
+        (torch.bfloat16, 512, True, (9, 0), False),  # no FlashAttention-2 past 256
+        (torch.bfloat16, 260, True, (9, 0), False),
+        (torch.bfloat16, 52, True, (9, 0), False),  # not a multiple of 8
+        (torch.float32, 64, True, (9, 0), False),
+        (torch.bfloat16, 64, False, (9, 0), False),
+        (torch.float16, 64, True, (7, 5), False),  # Turing: no FlashAttention-2
+    ],
+)
+def test_flash_takes(dtype, head_dim, contiguous, capability, takes):
+    assert attention_op.flash_takes(dtype, head_dim, contiguous, capability) is takes
+
+
+def test_route_on_cpu(route):
+    q, k, v = make_qkv(dtype=torch.bfloat16)
+    expected = attention_op.KERNEL if route == "interpreted" else attention_op.REFERENCE
+    assert attention_op.route(q, k, v) == expected
+    with attention_op.recording_routes(set()) as outer, attention_op.recording_routes(set()) as inner:
+        attention(q, k, v)
+    assert outer == inner == {f"{expected} (D=32, bfloat16)"}
+    attention(q, k, v)  # outside the block: not recorded
+    assert outer == {f"{expected} (D=32, bfloat16)"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sdpa_flash_route_on_cpu_tensors(dtype):
+    # PyTorch's CPU flash kernel stands in for the CUDA one: the same restricted call, layout rule
+    # and NaN fill (the CPU kernel gives zeros for a NaN query row; the route must give NaN).
+    qkv = torch.randn(2, 3 * 32, 4, 6, generator=torch.Generator().manual_seed(3)).to(dtype)
+    qkv = qkv.to(memory_format=torch.channels_last)
+    q, k, v = qkv.reshape(2, 3, 2, 16, 24).transpose(-1, -2).unbind(1)  # strided (B, heads, N, D) views
+    q = q.clone(memory_format=torch.preserve_format)
+    q[1, 0, 5, 2] = float("nan")
+    out = attention_op.sdpa_flash(q, k, v, 0.3)
+    assert out.stride() == attention_op.output_like(q).stride() and out.dtype == dtype
+    expected = reference.attention(q.double(), k.double(), v.double(), 0.3)
+    assert out[1, 0, 5].isnan().all() and out.isnan().sum() == 16
+    assert_close(out, expected, msg="SDPA flash route vs fp64 reference")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter

@@ -199,6 +199,18 @@ def test_describe(ddpm_sampler):
     assert "torch.compile" in info["path"] and "float32" in info["path"] and "group_norm_silu" in info["path"]
 
 
+def test_describe_names_the_attention_route_that_ran(model, ddpm_sampler):
+    sampler = Sampler(model, ddim_table(SCHEDULE, steps=2), compile=False)
+    assert sampler.describe()["attention"] == []  # nothing ran yet
+    sampler.sample(batch=1, seed=0)
+    head_dim = model.config.ch * model.config.ch_mult[-1] // model.config.num_heads  # the mid block's
+    routes = sampler.describe()["attention"]
+    assert routes and all(r.startswith("reference (D=") and r.endswith(", float32)") for r in routes)
+    assert f"reference (D={head_dim}, float32)" in routes and "attention: reference (D=" in sampler.describe()["path"]
+    # Compiled on the CPU, the reference attention is traced into the graph: no route is recorded.
+    assert ddpm_sampler.describe()["attention"] == []
+
+
 def test_cuda_graphs_on_cpu_runs_without_them_and_says_so(model):
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
         sampler = Sampler(model, ddim_table(SCHEDULE, steps=2), compile=False, cuda_graphs=True)

@@ -120,6 +120,9 @@ def fastdiff_label(described: dict) -> str:
         parts = ["compiled" if described.get("compiled") else "eager", f"ops: {described.get('kernels', '?')}"]
     if described.get("cuda_graphs"):
         parts.append("CUDA graphs")
+    routes = sorted({label.split(" (")[0] for label in described.get("attention", [])})
+    if routes:
+        parts.append(f"attention: {'+'.join(routes)}")
     parts.append(str(described.get("dtype", "")))
     return f"fastdiff Sampler ({', '.join(parts)})"
 
