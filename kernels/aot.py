@@ -27,7 +27,7 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 # ld.global[.modifiers][.v2|.v4].<type><bits> [...]: one load instruction per thread
-_GLOBAL_LOAD = re.compile(r"\bld\.global((?:\.[a-z0-9_:]+)*?)(?:\.v(\d))?\.[bfsu](\d+)\s")
+_GLOBAL_LOAD = re.compile(r"\bld\.global((?:\.[A-Za-z0-9_:]+)*?)(?:\.v(\d))?\.[bfsu](\d+)\s")
 
 
 @dataclass(frozen=True)

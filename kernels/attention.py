@@ -141,69 +141,70 @@ def pick_config(head_dim: int, dtype: torch.dtype) -> tuple[int, AttentionConfig
     return block_d, CONFIGS[(block_d, dtype == torch.float32)]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Launch on validated (B, heads, N, D) tensors; returns the (B, heads, N_q, D) output laid
-    out as :func:`fastdiff.ops.attention.output_like` says. Strided q/k/v are read in place when their last dim is contiguous."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+def kernel_args(q, k, v, out, scale: float, pointers=None) -> tuple[tuple[int], dict]:
+    """(grid, every kernel argument by name) for validated (B, heads, N, D) tensors with a
+    contiguous last dim; ``pointers`` (q, k, v, out stand-ins) replace the tensors' own for the
+    ahead-of-time report, which passes meta tensors for their shapes and strides."""
     batch, heads, n_q, head_dim = q.shape
-    n_kv = k.shape[2]
-    out = output_like(q)  # fastdiff.ops.attention's layout rule, which its fake function shares
-    if out.numel() == 0:
-        return out
-    if n_kv == 0:  # no keys: SDPA returns zeros
-        return out.zero_()
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_d, cfg = pick_config(head_dim, q.dtype)
-    grid = (triton.cdiv(n_q, cfg.block_m) * batch * heads,)
-    attention_kernel[grid](
-        q, k, v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, n_q, n_kv, head_dim, scale * LOG2_E,
+    q_ptr, k_ptr, v_ptr, o_ptr = pointers or (q, k, v, out)
+    args = dict(
+        q_ptr=q_ptr, k_ptr=k_ptr, v_ptr=v_ptr, o_ptr=o_ptr,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
+        num_heads=heads, n_q=n_q, n_kv=k.shape[2], head_dim=head_dim, qk_scale=scale * LOG2_E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         # CPU tensors reach a kernel only through Triton's interpreter, which multiplies the raw
         # bits of bf16 dot operands (triton-lang/triton#11584); exact bf16 products fit fp32.
         BF16_DOT_IN_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    return (triton.cdiv(n_q, cfg.block_m) * batch * heads,), args
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Launch on validated (B, heads, N, D) tensors; returns the (B, heads, N_q, D) output laid
+    out as :func:`fastdiff.ops.attention.output_like` says. Strided q/k/v are read in place when their last dim is contiguous."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = output_like(q)  # fastdiff.ops.attention's layout rule, which its fake function shares
+    if out.numel() == 0:
+        return out
+    if k.shape[2] == 0:  # no keys: SDPA returns zeros
+        return out.zero_()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    grid, args = kernel_args(q, k, v, out, scale)
+    cfg = pick_config(q.shape[-1], q.dtype)[1]
+    attention_kernel[grid](**args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-_SIGNATURE_INTS = [
-    "stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
-    "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_on", "num_heads", "n_q", "n_kv", "head_dim",
-]  # fmt: skip
+#: (B, heads, N, D) views the report compiles each config at: one head of D = BLOCK_D over a 16x16
+#: map (N = 256) sliced out of a channels_last qkv convolution, as the Sampler runs the UNet on CUDA
+#: (fastdiff.unet's attention reshape), so the strides and the one head are the JIT's real ones.
+AOT_BATCH, AOT_POSITIONS = 64, 256
 
 
-def aot_signature(dtype: str) -> dict[str, str]:
-    """Triton signature for one input dtype ("fp32", "fp16", "bf16"), constexprs included."""
-    return {
-        **{name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")},
-        **{name: "i32" for name in _SIGNATURE_INTS},
-        "qk_scale": "fp32",
-        **{name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BF16_DOT_IN_FP32")},
-    }
+def _aot_views(head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    qkv = torch.empty(AOT_BATCH, 3 * head_dim, 16, 16, dtype=dtype, device="meta")
+    qkv = qkv.to(memory_format=torch.channels_last)
+    q, k, v = qkv.reshape(AOT_BATCH, 3, 1, head_dim, AOT_POSITIONS).transpose(-1, -2).unbind(1)
+    return q, k, v, output_like(q)
 
 
 def aot_specs():
-    """Every configuration the launcher can pick, for the ahead-of-time compile report. The 16-bit
-    tiles are listed for bf16: fp16 compiles to the same shared memory and registers."""
-    from fastdiff.kernels.aot import AotSpec
+    """Every configuration the launcher can pick, for the ahead-of-time compile report, each with
+    the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec).
+    The 16-bit tiles are listed for bf16: fp16 compiles to the same shared memory and registers."""
+    from triton.runtime.jit import MockTensor
+
+    from fastdiff.kernels.aot import launch_spec
 
     specs = []
     for (block_d, is_fp32), cfg in CONFIGS.items():
-        dtype = "fp32" if is_fp32 else "bf16"
-        constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d, "BF16_DOT_IN_FP32": False}
-        specs.append(
-            AotSpec(
-                name=f"attention_{dtype}_d{block_d}_m{cfg.block_m}_n{cfg.block_n}",
-                fn=attention_kernel,
-                signature=aot_signature(dtype),
-                constexprs=constexprs,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-        )
+        dtype = torch.float32 if is_fp32 else torch.bfloat16
+        views = _aot_views(block_d, dtype)
+        _, args = kernel_args(*views, 1.0 / math.sqrt(block_d), pointers=[MockTensor(dtype)] * 4)
+        name = f"attention_{'fp32' if is_fp32 else 'bf16'}_d{block_d}_m{cfg.block_m}_n{cfg.block_n}"
+        specs.append(launch_spec(name, attention_kernel, args, cfg.num_warps, cfg.num_stages))
     return specs
