@@ -50,11 +50,16 @@ _FIELDS = tl.constexpr(PARTIAL_FIELDS)  # the same, visible inside kernels
 
 
 @triton.jit
-def _group_start(group, HW, channels_per_group, num_groups, GROUP_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """(offset of the group's first element, its first channel, channels_per_group, pixel stride,
-    channel stride) for group = sample * num_groups + g. The stride that the layout makes 1 stays a
-    compile-time 1, so the compiler sees which tile axis is contiguous; channels_per_group comes back
-    as a visible multiple of GROUP_ALIGN (exact: the launcher picks a divisor)."""
+def _program_start(pid, slices, hw_per_slice, HW, channels_per_group, num_groups, GROUP_ALIGN: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr):  # fmt: skip
+    """(group, first pixel, offset of the group's first element, its first channel,
+    channels_per_group, pixel stride, channel stride) of program ``pid``, one of ``slices`` per
+    group = sample * num_groups + g (the one-program kernels pass 1: pid is the group). The stride
+    that the layout makes 1 stays a compile-time 1, so the compiler sees which tile axis is
+    contiguous; channels_per_group comes back as a visible multiple of GROUP_ALIGN (exact: the
+    launcher picks a divisor)."""
+    group = pid // slices
+    hw_begin = (pid % slices) * hw_per_slice
     channels_per_group = (channels_per_group // GROUP_ALIGN) * GROUP_ALIGN
     C = num_groups * channels_per_group
     sample = group // num_groups
@@ -66,7 +71,7 @@ def _group_start(group, HW, channels_per_group, num_groups, GROUP_ALIGN: tl.cons
         stride_hw = 1
         stride_c = HW
     base = sample.to(tl.int64) * C * HW + first_channel.to(tl.int64) * stride_c
-    return base, first_channel, channels_per_group, stride_hw, stride_c
+    return group, hw_begin, base, first_channel, channels_per_group, stride_hw, stride_c
 
 
 @triton.jit
@@ -161,9 +166,8 @@ def group_norm_silu_kernel(
     STORE_STATS: tl.constexpr,  # training: the backward kernel recomputes x-hat from these
 ):
     """One program per (sample, group): statistics pass, then normalise pass."""
-    group = tl.program_id(0)
-    base, first_channel, channels_per_group, stride_hw, stride_c = _group_start(
-        group, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
+    group, _, base, first_channel, channels_per_group, stride_hw, stride_c = _program_start(
+        tl.program_id(0), 1, HW, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
     )
     x_ptr += base
     y_ptr += base
@@ -196,10 +200,8 @@ def group_norm_partial_stats_kernel(
 ):
     """Split-group path, first launch: one program per (sample, group, slice of pixels)."""
     pid = tl.program_id(0)
-    group = pid // slices
-    hw_begin = (pid % slices) * hw_per_slice
-    base, first_channel, channels_per_group, stride_hw, stride_c = _group_start(
-        group, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
+    _, hw_begin, base, first_channel, channels_per_group, stride_hw, stride_c = _program_start(
+        pid, slices, hw_per_slice, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
     )
     x_ptr += base
     pivot = tl.load(x_ptr).to(tl.float32)  # the group's pivot, the same in every slice
@@ -233,12 +235,8 @@ def group_norm_silu_apply_kernel(
     STORE_STATS: tl.constexpr,
 ):
     """Split-group path, second launch: merge the group's slices in order, normalise this slice."""
-    pid = tl.program_id(0)
-    group = pid // slices
-    slice_index = pid % slices
-    hw_begin = slice_index * hw_per_slice
-    base, first_channel, channels_per_group, stride_hw, stride_c = _group_start(
-        group, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
+    group, hw_begin, base, first_channel, channels_per_group, stride_hw, stride_c = _program_start(
+        tl.program_id(0), slices, hw_per_slice, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
     )
     x_ptr += base
     y_ptr += base
@@ -253,7 +251,7 @@ def group_norm_silu_apply_kernel(
                                       tl.load(partial_ptr + _FIELDS * s + 2))  # fmt: skip
     rstd = _rstd(count, m2, eps)
     if STORE_STATS:
-        if slice_index == 0:
+        if hw_begin == 0:  # the group's first slice
             tl.store(stats_ptr + 2 * group, mean)
             tl.store(stats_ptr + 2 * group + 1, rstd)
     _normalise(x_ptr, y_ptr, weight_ptr, bias_ptr, first_channel, pivot, mean, rstd, hw_begin, hw_begin + hw_per_slice,
@@ -294,9 +292,8 @@ def group_norm_silu_backward_kernel(
     the saved statistics, a = x-hat * w + b and g = dL/da (through SiLU when applied):
     dx = rstd * (w g - mean(w g) - x-hat * mean(w g x-hat)), dw = sum g x-hat, db = sum g.
     Pass 1 accumulates the two group means and the per-channel sums in fp32; pass 2 writes dx."""
-    group = tl.program_id(0)
-    base, first_channel, channels_per_group, stride_hw, stride_c = _group_start(
-        group, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
+    group, _, base, first_channel, channels_per_group, stride_hw, stride_c = _program_start(
+        tl.program_id(0), 1, HW, HW, channels_per_group, num_groups, GROUP_ALIGN, CHANNELS_LAST
     )
     x_ptr += base
     dy_ptr += base
