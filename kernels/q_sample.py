@@ -95,20 +95,25 @@ def q_sample(
     return x_t, eps
 
 
-def aot_specs():
-    """Every config the launcher picks for same-dtype x0 and noise: dtype x noise mode."""
-    from fastdiff.kernels.aot import AotSpec
+#: The launch the report compiles each config at: CIFAR-10 images (3 x 32 x 32 values per
+#: sample) and a 1000-step schedule table, so ints carry the JIT's specialisation of that launch.
+AOT_VALUES_PER_SAMPLE, AOT_TIMESTEPS = 3 * 32 * 32, 1000
 
+
+def aot_specs():
+    """Every config the launcher picks for same-dtype x0 and noise: dtype x noise mode, each with
+    the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec)."""
+    from triton.runtime.jit import MockTensor
+
+    from fastdiff.kernels.aot import launch_spec
+
+    ptr = {name: MockTensor(dtype) for name, dtype in
+           (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}  # fmt: skip
     specs = []
     for dtype in ("fp32", "bf16", "fp16"):
         for mode in NOISE_MODES:
-            constexprs = {"BLOCK": BLOCK, "NOISE": mode}
-            signature = {
-                "x0_ptr": f"*{dtype}", "t_ptr": "*i64", "coefs_ptr": "*fp32", "noise_ptr": f"*{dtype}",
-                "rng_ptr": "*i64", "x_t_ptr": f"*{dtype}", "eps_ptr": f"*{dtype}",
-                "n_per_sample": "i32", "num_timesteps": "i32", **{name: "constexpr" for name in constexprs},
-            }  # fmt: skip
-            specs.append(
-                AotSpec(f"q_sample_{dtype}_{mode}", q_sample_kernel, signature, constexprs, NUM_WARPS, NUM_STAGES)
-            )
+            args = dict(x0_ptr=ptr[dtype], t_ptr=ptr["i64"], coefs_ptr=ptr["fp32"], noise_ptr=ptr[dtype],
+                        rng_ptr=ptr["i64"], x_t_ptr=ptr[dtype], eps_ptr=ptr[dtype],
+                        n_per_sample=AOT_VALUES_PER_SAMPLE, num_timesteps=AOT_TIMESTEPS, BLOCK=BLOCK, NOISE=mode)  # fmt: skip
+            specs.append(launch_spec(f"q_sample_{dtype}_{mode}", q_sample_kernel, args, NUM_WARPS, NUM_STAGES))
     return specs
