@@ -280,16 +280,18 @@ def render_markdown(report: dict) -> str:
         f"{report['heldout_real']} held-out real digits in the {report['feature_space']}. {name} FD "
         f"{anchor['fd_heldout']:.3f}, noise band [{band[0]:.3f}, {band[1]:.3f}] (basic bootstrap, "
         f"{anchor['bootstraps']} resamples, q{round(100 * anchor['quantile'])}). "
-        "Timings are wall seconds on a shared 2-core CPU; load average (1 min) before/after each set is listed.",
+        "Timings are wall seconds on a shared 2-core CPU; load average (1 min) before/after each set is listed; "
+        "CPU s: the process's CPU seconds for the set (all threads), which other work does not inflate.",
         "",
         f"| sampler | model calls | FD to held-out | within {name} band | FD to {name} set | images/s | "
-        f"speedup vs {name} | Pareto | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"speedup vs {name} | CPU s | Pareto | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(report["rows"], key=lambda r: (r["sampler"], r["steps"])):
         lines.append(
             f"| {r['name']} | {r['model_calls']} | {r['fd_heldout']:.3f} | {'yes' if r['within_anchor_band'] else 'no'}"
             f" | {r['fd_to_anchor']:.3f} | {r['images_per_s']:.3f} | {r['speedup_vs_anchor']:.1f}x | "
+            f"{'' if r['cpu_seconds'] is None else round(r['cpu_seconds'])} | "
             f"{'*' if r['pareto'] else ''} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
         )
     notes = [f"{r['name']}: {r['note']}" for r in report["rows"] if r["note"]]
