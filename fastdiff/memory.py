@@ -59,17 +59,19 @@ def available_bytes(device: str) -> int | None:
         return None
 
 
-def check_fits(config, batch: int, parameters: int, device: str) -> None:
-    """MemoryError with a ``--batch`` hint when the estimate passes the memory available."""
+def check_fits(config, batch: int, parameters: int, device: str, flag: str = "--batch", processes: int = 1) -> None:
+    """MemoryError with a hint naming ``flag`` (the option that sets the batch) when the estimate
+    passes the memory available (split evenly between ``processes`` sharing it)."""
     available = available_bytes(device)
     if available is None:
         return
+    available //= processes
     needed = sampling_bytes(config, batch, parameters)
     if needed <= available:
         return
     per_image = sampling_bytes(config, 1, 0)
     fitting = (available - sampling_bytes(config, 0, parameters)) // per_image
-    hint = (f"try --batch {fitting} or less" if fitting >= 1
+    hint = (f"try {flag} {fitting} or less" if fitting >= 1
             else f"even one {config.image_size}x{config.image_size} image needs ~{_gib(per_image)}")
     raise MemoryError(
         f"a batch of {batch} needs about {_gib(needed)} on {device} and {_gib(available)} is available: {hint}"

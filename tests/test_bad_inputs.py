@@ -213,3 +213,18 @@ def test_an_image_size_that_cannot_fit_at_all_says_so(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "even one 4096x4096 image needs" in err and "Traceback" not in err
 
+
+
+def test_a_shard_that_cannot_fit_is_refused_before_sampling_with_a_hint(tmp_path, capsys, monkeypatch):
+    """--num-images used to skip the memory check: a huge --shard-size ran into the allocator."""
+    import fastdiff.memory as memory
+    import fastdiff.shards as shards
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * memory.GIB)
+    monkeypatch.setattr(shards, "sample_model", lambda *a, **k: pytest.fail("sampled before checking"))
+    out = tmp_path / "out"
+    argv = ["sample", "--num-images", "100000", "--shard-size", "100000", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--shard-size 100000: a batch of 100000 needs about" in err and "try --shard-size" in err
+    assert "Traceback" not in err and not out.exists()

@@ -211,6 +211,30 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch, load, expected):
     assert commands.default_threads() == expected
 
 
+def test_processes_on_one_machine_share_the_default_threads(monkeypatch):
+    from fastdiff import commands
+
+    monkeypatch.setattr(commands, "default_threads", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        assert commands.apply_threads(None, processes=2).startswith("2 (") and torch.get_num_threads() == 2
+        assert "shared by 3 processes" in commands.apply_threads(None, processes=3) and torch.get_num_threads() == 1
+        assert commands.apply_threads(3, processes=2) == "3 (--threads)" and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sharded_sample_takes_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        argv = ["sample", "--config", "tiny", "--steps", "1", "--no-progress", "--num-images", "2",
+                "--shard-size", "2", "--threads", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+        assert main(argv) == 0
+        assert "threads: 1 (--threads) per process" in capsys.readouterr().out and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sample_and_verify_take_threads(tmp_path, capsys):
     before = torch.get_num_threads()
     try:

@@ -157,13 +157,16 @@ def default_threads() -> int:
     return max(1, min(cores, math.floor(cores - os.getloadavg()[0] + 0.5)))
 
 
-def apply_threads(requested: int | None) -> str:
-    """Set torch's intra-op threads (``requested``, else :func:`default_threads`); returns a
-    line for the command's output saying what was chosen and why."""
+def apply_threads(requested: int | None, processes: int = 1) -> str:
+    """Set torch's intra-op threads (``requested``, else :func:`default_threads` shared by the
+    ``processes`` on this machine); returns a line for the command's output saying what was
+    chosen and why."""
     import torch
 
-    threads = requested or default_threads()
+    threads = requested or max(1, default_threads() // processes)
     torch.set_num_threads(threads)
     if requested:
         return f"{threads} (--threads)"
-    return f"{threads} (of {os.cpu_count()} cores; 1-minute load {os.getloadavg()[0]:.1f}; --threads to choose)"
+    shared = f"; shared by {processes} processes" if processes > 1 else ""
+    return (f"{threads} (of {os.cpu_count()} cores; 1-minute load {os.getloadavg()[0]:.1f}{shared}; "
+            "--threads to choose)")  # fmt: skip

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -151,9 +152,21 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
 
     from fastdiff import shards
 
-    model, info, table = load_model_and_table(args, device)
+    from fastdiff.memory import check_fits
+
     say = print if world.is_main else (lambda *a, **k: None)
+    # Ranks on one machine share its cores and memory (torchrun sets LOCAL_WORLD_SIZE).
+    neighbours = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    on_cpu = torch.device(device).type == "cpu"
+    threads = apply_threads(args.threads, processes=neighbours if on_cpu else 1)
+    model, info, table = load_model_and_table(args, device)
+    try:  # before sampling: a shard that cannot fit is refused with a hint
+        check_fits(info.config, args.shard_size, sum(p.numel() for p in model.parameters()), device,
+                   flag="--shard-size", processes=neighbours if on_cpu else 1)  # fmt: skip
+    except MemoryError as e:
+        raise UsageError(f"--shard-size {args.shard_size}: {e}") from None
     say(f"model:   {info.description}")
+    say(f"threads: {threads} per process")
     say(f"sampler: {args.sampler}, {table.num_steps} steps, {args.num_images} images in shards of "
         f"{args.shard_size}, seed {args.seed}, {world.size} process(es) on {device}")
     try:
