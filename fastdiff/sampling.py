@@ -42,6 +42,12 @@ class ExternalNoise:
         self.x_T, self._z, self._stream = x_T, z, _stream
         self._device, self._dtype = _device, _dtype
 
+    @classmethod
+    def drawn_per_step(cls, x_T: torch.Tensor, num_steps: int, draw_step: Callable[[int], torch.Tensor]) -> ExternalNoise:
+        """Noise whose ``z[i]`` is ``draw_step(i)`` (shaped like x_T), called when a sampler asks
+        for step i: a run holds one step's z at a time, however many steps it has."""
+        return cls(x_T, _stream=_StepFunction(num_steps, draw_step))
+
     @property
     def num_steps(self) -> int:
         return self._z.shape[0] if self._z is not None else self._stream.num_steps
@@ -84,6 +90,19 @@ class _PerStep:
 
 def _shape_text(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+class _StepFunction:
+    """A stream whose step i is ``draw(i)`` (see :meth:`ExternalNoise.drawn_per_step`)."""
+
+    def __init__(self, num_steps: int, draw: Callable[[int], torch.Tensor]):
+        self.num_steps, self._draw = num_steps, draw
+
+    def step(self, i: int) -> torch.Tensor:
+        return self._draw(i)
+
+    def all(self) -> torch.Tensor:
+        return torch.stack([self._draw(i) for i in range(self.num_steps)])
 
 
 class _NoiseStream:

@@ -82,6 +82,23 @@ def test_image_noise_depends_only_on_seed_and_index():
     # x_T and the z of every step are distinct draws.
     draws = torch.cat([whole.x_T[None], whole.z]).flatten(1)
     assert torch.corrcoef(draws).fill_diagonal_(0).abs().max() < 0.2
+    # Each step's z is drawn when asked for, the same as the whole draw.
+    torch.testing.assert_close(part.step_noise(2), whole.z[2, 4:6], rtol=0, atol=0)
+
+
+def test_per_step_noise_is_drawn_only_when_a_step_asks():
+    from fastdiff.sampling import ExternalNoise
+
+    calls = []
+
+    def draw(step):
+        calls.append(step)
+        return torch.full((2, 1, 4, 4), float(step))
+
+    noise = ExternalNoise.drawn_per_step(torch.zeros(2, 1, 4, 4), 1000, draw)
+    assert calls == [] and noise.num_steps == 1000
+    assert torch.equal(noise.step_noise(7), torch.full((2, 1, 4, 4), 7.0)) and calls == [7]
+    assert torch.equal(noise.to(dtype=torch.float64).step_noise(3), torch.full((2, 1, 4, 4), 3.0, dtype=torch.float64))
 
 
 def test_two_processes_equal_one_process_bit_for_bit(tmp_path, uninterrupted):
