@@ -108,7 +108,11 @@ def step_traffic(model: torch.nn.Module, route: str, batch: int, dtype: torch.dt
                  image_shape: tuple[int, int, int] | None = None, channels_last: bool | None = None) -> Traffic:  # fmt: skip
     """The kernels of one sampling step of ``model`` (fp32 weights, CPU) on ``route``. The model
     runs in ``channels_last`` (default: as the route runs it on CUDA -- fastdiff's Sampler in
-    channels_last, a plain ``torch.compile`` user's model as it is, NCHW)."""
+    channels_last, a plain ``torch.compile`` user's model as it is, NCHW).
+
+    Call it in a process that has not compiled with freezing and oneDNN on before (as the command
+    runs): inductor sets up its CPU freezing passes once per process, and they would then also
+    rewrite this CUDA-style graph (more copies, fewer kernels)."""
     from fastdiff import backend
     from fastdiff.acceleration import accelerate
     from fastdiff.sampler import DenoiseStep, _image_shape, _placed
