@@ -23,9 +23,9 @@ sys.stdout.buffer.write(pickle.dumps({route: step_traffic(model, route, batch=1)
 
 @pytest.fixture(scope="module")
 def tiny_traffic():
-    # A fresh process, as the report command runs: inductor sets up its CPU freezing passes
-    # (oneDNN fusions) once per process, on the first freezing compile with oneDNN on, and a later
-    # compile with oneDNN off still runs them. One plain Conv2d+SiLU freezing compile beforehand (no
+    # A fresh process, as the report command runs: inductor registers its freezing patterns once
+    # per process (fx_passes/freezing_patterns.py lazy_init), the oneDNN ones only if oneDNN is on
+    # at that first freezing compile, and a later compile with oneDNN off still runs them. One plain Conv2d+SiLU freezing compile beforehand (no
     # fastdiff code) moves this tiny model's counts from 3 to 7 copies (torch.compile) and 3 to 8
     # (fastdiff); inside the suite, tests/test_compile.py's bf16 step did that.
     done = subprocess.run([sys.executable, "-c", TINY_TRAFFIC], capture_output=True, check=True, timeout=600)
