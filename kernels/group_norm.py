@@ -125,6 +125,17 @@ def _rstd(count, m2, eps):
 
 
 @triton.jit
+def _channel_affine(weight_ptr, bias_ptr, first_channel, cs, c_mask, BLOCK_C: tl.constexpr, HAS_AFFINE: tl.constexpr):
+    """fp32 (w, b) of channels ``first_channel + cs`` (1 and 0 without an affine)."""
+    w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    b = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_AFFINE:
+        w = tl.load(weight_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
 def _normalise(x_ptr, y_ptr, weight_ptr, bias_ptr, first_channel, pivot, mean, rstd, hw_begin, hw_end, HW,
                channels_per_group, stride_hw, stride_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
                HAS_AFFINE: tl.constexpr, APPLY_SILU: tl.constexpr):  # fmt: skip
@@ -132,11 +143,8 @@ def _normalise(x_ptr, y_ptr, weight_ptr, bias_ptr, first_channel, pivot, mean, r
     for c_start in range(0, channels_per_group, BLOCK_C):
         cs = c_start + tl.arange(0, BLOCK_C)
         c_mask = cs < channels_per_group
-        scale = tl.full((BLOCK_C,), 1.0, tl.float32) * rstd
-        shift = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_AFFINE:
-            scale *= tl.load(weight_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
-            shift += tl.load(bias_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
+        w, shift = _channel_affine(weight_ptr, bias_ptr, first_channel, cs, c_mask, BLOCK_C, HAS_AFFINE)
+        scale = rstd * w
         for hw_start in range(hw_begin, tl.minimum(hw_end, HW), BLOCK_HW):
             offsets, mask = _tile(hw_start, c_start, HW, channels_per_group, stride_hw, stride_c, BLOCK_HW, BLOCK_C)
             tile = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -308,11 +316,7 @@ def group_norm_silu_backward_kernel(
     for c_start in range(0, channels_per_group, BLOCK_C):
         cs = c_start + tl.arange(0, BLOCK_C)
         c_mask = cs < channels_per_group
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-        b = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_AFFINE:
-            w = tl.load(weight_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
+        w, b = _channel_affine(weight_ptr, bias_ptr, first_channel, cs, c_mask, BLOCK_C, HAS_AFFINE)
         channel_g_xhat = tl.zeros((BLOCK_C,), tl.float32)
         channel_g = tl.zeros((BLOCK_C,), tl.float32)
         for hw_start in range(0, HW, BLOCK_HW):
@@ -342,11 +346,7 @@ def group_norm_silu_backward_kernel(
     for c_start in range(0, channels_per_group, BLOCK_C):
         cs = c_start + tl.arange(0, BLOCK_C)
         c_mask = cs < channels_per_group
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-        b = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_AFFINE:
-            w = tl.load(weight_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
-            b = tl.load(bias_ptr + first_channel + cs, mask=c_mask, other=0.0).to(tl.float32)
+        w, b = _channel_affine(weight_ptr, bias_ptr, first_channel, cs, c_mask, BLOCK_C, HAS_AFFINE)
         for hw_start in range(0, HW, BLOCK_HW):
             offsets, mask = _tile(hw_start, c_start, HW, channels_per_group, stride_hw, stride_c, BLOCK_HW, BLOCK_C)
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
