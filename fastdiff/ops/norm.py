@@ -36,11 +36,16 @@ def _group_norm_silu_op(
 ) -> torch.Tensor:
     if backend.kernel_path(x.device) == "reference":
         return _reference(x, weight, bias, num_groups, eps, apply_silu)
+    return _kernel(x, weight, bias, num_groups, eps, apply_silu)
+
+
+def _kernel(x, weight, bias, num_groups, eps, apply_silu, stats=None) -> torch.Tensor:
+    """The Triton forward on x in its output layout, under x's device (``stats``: see the launcher)."""
     from fastdiff.kernels.group_norm import group_norm_silu as launch
 
     x = x.contiguous(memory_format=output_memory_format(x))
     with backend.on_device(x.device):
-        return launch(x, weight, bias, num_groups, eps, apply_silu)
+        return launch(x, weight, bias, num_groups, eps, apply_silu, stats=stats)
 
 
 @_group_norm_silu_op.register_fake
@@ -77,13 +82,8 @@ def _group_norm_silu_train_op(
         return _reference(x, weight, bias, num_groups, eps, apply_silu), stats
     if backend.kernel_path(x.device) == "reference":
         return _reference(x, weight, bias, num_groups, eps, apply_silu), _group_stats(x, num_groups, eps)
-    from fastdiff.kernels.group_norm import group_norm_silu as launch
-
     stats = torch.empty((x.shape[0] * num_groups, 2), dtype=torch.float32, device=x.device)
-
-    x = x.contiguous(memory_format=output_memory_format(x))
-    with backend.on_device(x.device):
-        return launch(x, weight, bias, num_groups, eps, apply_silu, stats=stats), stats
+    return _kernel(x, weight, bias, num_groups, eps, apply_silu, stats=stats), stats
 
 
 @_group_norm_silu_train_op.register_fake
