@@ -45,17 +45,25 @@ def set_name(sampler: str, steps: int) -> str:
     return f"{sampler}-{steps}"
 
 
+def _built_in_model():
+    """(the built-in digits model, its NoiseSchedule, its (C, H, W) image shape)."""
+    from fastdiff.io import load_model
+    from fastdiff.schedule import make_schedule
+
+    model, info = load_model()
+    shape = (info.config.in_channels, info.config.image_size, info.config.image_size)
+    return model, make_schedule(info.schedule, info.num_timesteps), shape
+
+
 def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEEP, progress: bool = True) -> None:
     """Draw (or find cached) every set of ``sweep`` with the eager reference sampler."""
     from fastdiff.commands import sampler_kwargs
     from fastdiff.fidelity import draw_in_chunks
-    from fastdiff.io import atomic_write, load_model
+    from fastdiff.io import atomic_write
     from fastdiff.sampling import sample_reference
-    from fastdiff.schedule import make_schedule, step_table
+    from fastdiff.schedule import step_table
 
-    model, info = load_model()
-    schedule = make_schedule(info.schedule, info.num_timesteps)
-    shape = (info.config.in_channels, info.config.image_size, info.config.image_size)
+    model, schedule, shape = _built_in_model()
     (out / "sets").mkdir(parents=True, exist_ok=True)
     for sampler, steps in sweep:
         path = out / "sets" / f"{set_name(sampler, steps)}.pt"
@@ -98,14 +106,12 @@ def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100,
     compile is timed apart; its sampling time is the median of ``repeats`` runs.
     ``sampler_options``: extra :class:`~fastdiff.Sampler` arguments (default: none, its defaults)."""
     from fastdiff.commands import sampler_kwargs
-    from fastdiff.io import atomic_write, load_model
+    from fastdiff.io import atomic_write
     from fastdiff.sampler import Sampler
     from fastdiff.sampling import sample_reference
-    from fastdiff.schedule import make_schedule, step_table
+    from fastdiff.schedule import step_table
 
-    model, info = load_model()
-    schedule = make_schedule(info.schedule, info.num_timesteps)
-    shape = (info.config.in_channels, info.config.image_size, info.config.image_size)
+    model, schedule, shape = _built_in_model()
     sets = {}
     for name in (set_name(*sweep[0]), set_name(sampler, steps)):
         path = out / "sets" / f"{name}.pt"
@@ -133,6 +139,7 @@ def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100,
         images = fast.sample(noise=noise)
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
+    described = fast.describe()
 
     def max_abs(images, record):
         return float((images.float() - record["images"][:num_samples]).abs().max())
@@ -142,7 +149,7 @@ def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100,
         "load_before": load_before[0], "load_after": os.getloadavg()[0],
         "anchor": {"name": anchor_name, "path": anchor_set["path"], "seconds": anchor_seconds, "cpu_seconds": anchor_cpu,
                    "images_per_s": num_samples / anchor_seconds, "max_abs_vs_set": max_abs(reference_images, anchor_set)},
-        "accelerated": {"name": fast_name, "path": fast.describe()["path"], "engine": fast.describe()["engine"],
+        "accelerated": {"name": fast_name, "path": described["path"], "engine": described["engine"],
                         "warmup_seconds": warmup_seconds, "seconds": seconds, "seconds_all": times,
                         "images_per_s": num_samples / seconds, "max_abs_vs_set": max_abs(images, sets[fast_name])},
         "speedup": anchor_seconds / seconds,
