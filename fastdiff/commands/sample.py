@@ -156,13 +156,12 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
 
     say = print if world.is_main else (lambda *a, **k: None)
     # Ranks on one machine share its cores and memory (torchrun sets LOCAL_WORLD_SIZE).
-    neighbours = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
-    on_cpu = torch.device(device).type == "cpu"
-    threads = apply_threads(args.threads, processes=neighbours if on_cpu else 1)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world.size)) if torch.device(device).type == "cpu" else 1
+    threads = apply_threads(args.threads, processes=sharing)
     model, info, table = load_model_and_table(args, device)
     try:  # before sampling: a shard that cannot fit is refused with a hint
         check_fits(info.config, args.shard_size, sum(p.numel() for p in model.parameters()), device,
-                   flag="--shard-size", processes=neighbours if on_cpu else 1)  # fmt: skip
+                   flag="--shard-size", processes=sharing)  # fmt: skip
     except MemoryError as e:
         raise UsageError(f"--shard-size {args.shard_size}: {e}") from None
     say(f"model:   {info.description}")
