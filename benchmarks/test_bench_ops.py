@@ -31,9 +31,9 @@ import pytest
 import torch
 
 from fastdiff import ops, reference
-from fastdiff.backend import kernel_path
 from fastdiff.ops.attention import flash_takes, route, sdpa_flash
-from fastdiff.schedule import linear_schedule, step_table
+from fastdiff.ops.backend import kernel_path
+from fastdiff.schedulers import linear_schedule, step_table
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"

@@ -1,30 +1,38 @@
 """fastdiff: fused Triton kernels and a CUDA-graph sampling loop for DDPM/DDIM models.
 
 Public names are imported lazily, so ``import fastdiff`` stays cheap and never imports triton.
+The tree (each layer imports only those before it): ``kernels`` (Triton) -> ``ops`` ->
+``schedulers`` -> ``models`` -> ``engines`` -> ``integrations`` -> ``sampling`` ->
+``scale`` / ``training`` / ``bench`` -> ``cli`` + ``commands``; ``presets``, ``files``,
+``images`` and ``pause`` are small leaves any layer may use.
 """
 from __future__ import annotations
 
 import importlib
 
+from fastdiff import moved
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "NoiseSchedule": "fastdiff.schedule",
-    "StepTable": "fastdiff.schedule",
-    "make_schedule": "fastdiff.schedule",
-    "step_table": "fastdiff.schedule",
-    "ddpm_table": "fastdiff.schedule",
-    "ddim_table": "fastdiff.schedule",
-    "UNet": "fastdiff.unet",
-    "UNetConfig": "fastdiff.unet",
-    "sample_reference": "fastdiff.sampling",
-    "Sampler": "fastdiff.sampler",
-    "accelerate": "fastdiff.acceleration",
-    "save_model": "fastdiff.io",
-    "load_model": "fastdiff.io",
+    "NoiseSchedule": "fastdiff.schedulers",
+    "StepTable": "fastdiff.schedulers",
+    "make_schedule": "fastdiff.schedulers",
+    "step_table": "fastdiff.schedulers",
+    "ddpm_table": "fastdiff.schedulers",
+    "ddim_table": "fastdiff.schedulers",
+    "UNet": "fastdiff.models.unet",
+    "UNetConfig": "fastdiff.models.unet",
+    "sample_reference": "fastdiff.sampling.reference",
+    "Sampler": "fastdiff.sampling.sampler",
+    "accelerate": "fastdiff.integrations.diffusers.accelerate",
+    "save_model": "fastdiff.models.folders",
+    "load_model": "fastdiff.models.folders",
 }
 
 __all__ = sorted(_EXPORTS)
+
+moved.install()  # the old import paths of moved modules, deprecated
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.io import atomic_write
+from fastdiff.files import atomic_write
 
 #: Key of the image array in the ``.npz`` files fastdiff writes.
 NPZ_KEY = "images"

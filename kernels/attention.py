@@ -19,8 +19,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-
-from fastdiff.ops.attention import output_like
+from fastdiff.kernels.layouts import output_like
 
 LOG2_E = 1.4426950408889634
 MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16
@@ -167,9 +166,9 @@ def kernel_args(q, k, v, out, scale: float, pointers=None) -> tuple[tuple[int], 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Launch on validated (B, heads, N, D) tensors; returns the (B, heads, N_q, D) output laid
-    out as :func:`fastdiff.ops.attention.output_like` says. Strided q/k/v are read in place when their last dim is contiguous."""
+    out as :func:`fastdiff.kernels.layouts.output_like` says. Strided q/k/v are read in place when their last dim is contiguous."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = output_like(q)  # fastdiff.ops.attention's layout rule, which its fake function shares
+    out = output_like(q)  # the layout rule the op's fake function shares
     if out.numel() == 0:
         return out
     if k.shape[2] == 0:  # no keys: SDPA returns zeros
@@ -183,7 +182,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 #: (B, heads, N, D) views the report compiles each config at: one head of D = BLOCK_D over a 16x16
 #: map (N = 256) sliced out of a channels_last qkv convolution, as the Sampler runs the UNet on CUDA
-#: (fastdiff.unet's attention reshape), so the strides and the one head are the JIT's real ones.
+#: (fastdiff.models.unet's attention reshape), so the strides and the one head are the JIT's real ones.
 AOT_BATCH, AOT_POSITIONS = 64, 256
 
 
@@ -198,9 +197,8 @@ def aot_specs():
     """Every configuration the launcher can pick, for the ahead-of-time compile report, each with
     the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec).
     The 16-bit tiles are listed for bf16: fp16 compiles to the same shared memory and registers."""
-    from triton.runtime.jit import MockTensor
-
     from fastdiff.kernels.aot import launch_spec
+    from triton.runtime.jit import MockTensor
 
     specs = []
     for (block_d, is_fp32), cfg in CONFIGS.items():

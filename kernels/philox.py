@@ -1,7 +1,7 @@
 """In-kernel standard normals from explicit Philox counters, and the per-sample grid layout that
 keys them, shared by the noise-drawing kernels.
 
-``philox_normal(seed, c0, c1, c2, c3)`` is ``fastdiff.reference.philox_normal`` in Triton: the
+``philox_normal(seed, c0, c1, c2, c3)`` is ``fastdiff.ops.reference.philox_normal`` in Triton: the
 four 32-bit counter words go through Philox4x32-10 keyed by the 64-bit seed, the first two
 outputs become uniforms and one Box-Muller cosine gives z. This is ``tl.randn`` with all four
 counter words under the caller's control, so noise can be keyed by (element, sample, ...)

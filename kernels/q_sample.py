@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastdiff.kernels.philox import philox_normal, sample_block
 
 NOISE_MODES = ("given", "philox")
@@ -103,9 +102,8 @@ AOT_VALUES_PER_SAMPLE, AOT_TIMESTEPS = 3 * 32 * 32, 1000
 def aot_specs():
     """Every config the launcher picks for same-dtype x0 and noise: dtype x noise mode, each with
     the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec)."""
-    from triton.runtime.jit import MockTensor
-
     from fastdiff.kernels.aot import launch_spec
+    from triton.runtime.jit import MockTensor
 
     ptr = {name: MockTensor(dtype) for name, dtype in
            (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}  # fmt: skip

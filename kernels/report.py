@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from fastdiff.kernels.aot import SHARED_LIMIT, AotSpec, CompileResult, check_arch, compile_spec
 
 PACKAGE = "fastdiff.kernels"
-_NOT_KERNELS = {"aot", "report"}
+NOT_KERNELS = {"aot", "report", "layouts"}
 _TABLE_HEADER = ("| config | constexprs; warps, stages; ints the JIT knows %16 | target | shared B (% of limit) "
                  "| registers | spills B | ld.global B x count | status |")
 
@@ -62,7 +62,7 @@ def kernel_modules(names: list[str] | None = None) -> dict[str, str]:
         return {name: name if "." in name else f"{PACKAGE}.{name}" for name in names}
     package = importlib.import_module(PACKAGE)
     found = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
-    return {name: f"{PACKAGE}.{name}" for name in found if name not in _NOT_KERNELS}
+    return {name: f"{PACKAGE}.{name}" for name in found if name not in NOT_KERNELS}
 
 
 def load_specs(module_name: str) -> list[AotSpec] | None:

@@ -1,6 +1,6 @@
 """The fused sampler step: x0 prediction, optional clamp, posterior mean and noise in one pass.
 
-One update of the :class:`fastdiff.schedule.StepTable` form::
+One update of the :class:`fastdiff.schedulers.StepTable` form::
 
     x0     = c0 * x_t - c1 * eps            (clamped to [-clip, clip] when CLIP)
     x_prev = c2 * x0 + c3 * x_t + c4 * eps + c5 * z + sum_k c[6 + k] * h[k]   (k < HISTORY)
@@ -19,7 +19,7 @@ The grid is (blocks within a sample, sample), so the sample index is a program i
 noise keyed by (element in sample, sample, offset, step) is the same for sample i alone or in
 any batch. A third rng word adds a base to the sample word, so a batch holding images
 base .. base + B - 1 of a larger set draws each image's noise by its global index
-(:mod:`fastdiff.shards`).
+(:mod:`fastdiff.scale.shards`).
 
 An out-of-range step index is not clamped: the coefficient loads are masked and read NaN, so
 every output is NaN (and ``tl.device_assert`` fires when Triton runs in debug mode). The op
@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fastdiff.kernels.philox import philox_normal, sample_block
 
 NOISE_MODES = ("none", "given", "philox")
@@ -173,9 +172,8 @@ def aot_specs():
     runs: fp32 x_t and history, fp32 or bf16 model output, 1 or 2 history entries, no noise
     (ODE form) or noise (SDE form). Other dtype mixes compile the same code. Each is compiled
     with the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec)."""
-    from triton.runtime.jit import MockTensor
-
     from fastdiff.kernels.aot import launch_spec
+    from triton.runtime.jit import MockTensor
 
     ptr = {name: MockTensor(dtype) for name, dtype in
            (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}  # fmt: skip

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 def interpreted():
     """Run fastdiff ops on CPU tensors through the Triton kernels (interpreter). Skipped where
     the interpreter is off (a GPU machine): there the `gpu` tests run the real kernels."""
-    from fastdiff.backend import interpreted_kernels, interpreter_active
+    from fastdiff.ops.backend import interpreted_kernels, interpreter_active
 
     if not interpreter_active():
         pytest.skip("TRITON_INTERPRET is off: the kernels run on the GPU instead")

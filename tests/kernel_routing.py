@@ -19,10 +19,11 @@ def launchers() -> list[tuple[object, str]]:
     """(module, name) of every public launcher in fastdiff.kernels: the module's own plain
     functions, not the @triton.jit kernels and not the ahead-of-time report's helpers."""
     import fastdiff.kernels as package
+    from fastdiff.kernels.report import NOT_KERNELS
 
     found = []
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name in ("aot", "report"):
+        if info.name in NOT_KERNELS:
             continue
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, fn in vars(module).items():

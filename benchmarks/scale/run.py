@@ -5,7 +5,7 @@
 1. killed: 10,000 images (DDIM 50, shards of 100) under `torchrun --nproc-per-node 2`; rank 1
    is killed with SIGKILL once ``--kill-after`` shards are on disk, then the same command is
    run again and resumes. 2. fidelity: the Fréchet distance of the 10,000 images to the
-   held-out digits in fastdiff.fidelity's feature space. 3. compare: throughput of 1 vs 2
+   held-out digits in fastdiff.bench.fidelity's feature space. 3. compare: throughput of 1 vs 2
    processes on ``--compare-images`` fresh images. 4. corrupt: two shards of the finished set
    damaged, the command re-run. Updates benchmarks/scale/results.json (images stay in --work).
 """
@@ -81,8 +81,8 @@ def frechet_to_heldout(out: Path) -> dict:
     import numpy as np
     import torch
 
-    from fastdiff.data import load_digits_dataset
-    from fastdiff.fidelity import DigitsFeatures, frechet_distance
+    from fastdiff.bench.fidelity import DigitsFeatures, frechet_distance
+    from fastdiff.training.data import load_digits_dataset
 
     with np.load(out / "images.npz") as data:
         images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -6,5 +6,9 @@
 - :mod:`~fastdiff.bench.roofline`: FLOP counting and the device's measured roof;
 - :mod:`~fastdiff.bench.telemetry`: NVML / CPU sampling during each call;
 - :mod:`~fastdiff.bench.environment`: versions, hardware, commit, command line;
-- :mod:`~fastdiff.bench.report`: markdown, JSON, PNG, and the benchmarks/README.md tables.
+- :mod:`~fastdiff.bench.report`: markdown, JSON, PNG, and the benchmarks/README.md tables;
+- :mod:`~fastdiff.bench.fidelity` / :mod:`~fastdiff.bench.quality`: sample quality (FD in a
+  digits feature space) and speed at equal quality; :mod:`~fastdiff.bench.traffic`: kernels per step.
+
+May import: anything in the library (it measures all of it), never the command line.
 """

@@ -4,7 +4,7 @@ unmodified ``DDPMPipeline`` / ``DDIMPipeline``.
 Both models are Ho et al.'s architecture, so the conversion is a renaming plus one split (our
 fused 1x1 ``qkv`` conv becomes diffusers' ``to_q``/``to_k``/``to_v`` linears). The pipelines
 draw their noise with ``randn_tensor``; :func:`replayed_noise` substitutes a replay of the run's
-shared :class:`~fastdiff.sampling.ExternalNoise` so every path denoises the same noise.
+shared :class:`~fastdiff.sampling.reference.ExternalNoise` so every path denoises the same noise.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import importlib
 import torch
 import torch.nn as nn
 
-from fastdiff.unet import Downsample, SpatialSelfAttention, UNet, Upsample
+from fastdiff.models.unet import Downsample, SpatialSelfAttention, UNet, Upsample
 
 
 class ConversionError(ValueError):
@@ -195,7 +195,7 @@ def injected_class_labels(unet2d, class_labels):
 def make_pipeline(unet2d, table, schedule):
     """DDPMPipeline or DDIMPipeline whose scheduler computes the update that ``table`` encodes
     (for DPM-Solver++ tables, a DDPMPipeline with a DPMSolverMultistepScheduler of the same
-    order and form, diffusers' defaults otherwise as in :func:`fastdiff.dpmsolver.dpmsolver_table`).
+    order and form, diffusers' defaults otherwise as in :func:`fastdiff.schedulers.dpmsolver.dpmsolver_table`).
 
     The schedule's betas are handed over as ``trained_betas``, so any fastdiff schedule maps exactly.
     """

@@ -20,11 +20,11 @@ import torch
 from fastdiff.bench import environment, roofline
 from fastdiff.bench.paths import DEFAULT_PATHS, PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
 from fastdiff.bench.telemetry import Telemetry, summarize
-from fastdiff.commands import SAMPLERS, sampler_kwargs
+from fastdiff.presets import DTYPE_NAMES, SAMPLERS, sampler_kwargs
 from fastdiff.sampling import draw_noise
-from fastdiff.schedule import make_schedule, step_table
+from fastdiff.schedulers import make_schedule, step_table
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 SCHEMA = "fastdiff-bench/1"
 
 
@@ -110,20 +110,21 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r}: the bench runs on cpu or cuda")
 
 
+#: The presets a benchmark takes (the "default" preset is the CIFAR-10 model under another name).
 PRESETS = ("cifar10", "tiny")
 
 
 def load_bench_model(settings: BenchSettings):
     """(fp32 model on the device, ModelInfo) for the settings: quick -> tiny preset."""
-    from fastdiff.io import load_model, random_init_model
-    from fastdiff.unet import UNetConfig
+    from fastdiff.models.folders import load_model, random_init_model
+    from fastdiff.models.unet import UNetConfig, preset_config
 
     if settings.quick and settings.model is None and settings.config is None:
         return random_init_model(UNetConfig.tiny(), device=settings.device)
     if settings.config is not None:
         if settings.config not in PRESETS:
             raise ValueError(f"config must be one of {PRESETS}, got {settings.config!r}")
-        return random_init_model(getattr(UNetConfig, settings.config)(), device=settings.device)
+        return random_init_model(preset_config(settings.config), device=settings.device)
     return load_model(settings.model, device=settings.device)
 
 

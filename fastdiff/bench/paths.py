@@ -1,6 +1,6 @@
 """The execution paths the bench compares, each built lazily so a missing piece skips one path.
 
-Every path maps the run's :class:`~fastdiff.sampling.ExternalNoise` (and class labels) to
+Every path maps the run's :class:`~fastdiff.sampling.reference.ExternalNoise` (and class labels) to
 images in [0, 1] -- the form diffusers' pipelines return -- so all paths are compared on the
 same noise and the same scale.
 """
@@ -28,8 +28,8 @@ class BenchContext:
     """What every path is built from: the fp32 reference model and the sampling setup."""
 
     model: nn.Module  # fp32, eval mode, on ``device``
-    schedule: object  # fastdiff.schedule.NoiseSchedule
-    table: object  # fastdiff.schedule.StepTable for (method, steps)
+    schedule: object  # fastdiff.schedulers.NoiseSchedule
+    table: object  # fastdiff.schedulers.StepTable for (method, steps)
     device: torch.device
     dtype: torch.dtype  # precision of the non-reference paths
 
@@ -63,7 +63,7 @@ def _reference(ctx: BenchContext) -> BenchPath:
         return to_unit(x)
 
     return BenchPath("reference", "reference (eager fp32)", torch.float32, run,
-                     {"loop": "fastdiff.sampling.sample_reference", "model": "fastdiff UNet, eager"})
+                     {"loop": "fastdiff.sampling.reference.sample_reference", "model": "fastdiff UNet, eager"})
 
 
 class CastIO(nn.Module):
@@ -90,15 +90,15 @@ def _compiled(ctx: BenchContext) -> BenchPath:
 
     dtype_name = str(ctx.dtype).removeprefix("torch.")
     return BenchPath("compile", f"torch.compile ({mode or 'default'}, {dtype_name})", ctx.dtype, run,
-                     {"loop": "fastdiff.sampling.sample_reference", "torch_compile_mode": mode or "default",
+                     {"loop": "fastdiff.sampling.reference.sample_reference", "torch_compile_mode": mode or "default",
                       "dynamic": False, "inductor_freezing": bool(torch._inductor.config.freezing)})
 
 
 def _fastdiff(ctx: BenchContext) -> BenchPath:
     try:
-        from fastdiff.sampler import Sampler
+        from fastdiff.sampling.sampler import Sampler
     except ImportError as e:
-        raise PathSkipped(f"fastdiff.sampler is not available ({e})") from None
+        raise PathSkipped(f"fastdiff.sampling.sampler is not available ({e})") from None
 
     # The run's own StepTable, so the sampler computes exactly the reference's update; the model is
     # copied because acceleration may swap its modules in place.
@@ -170,20 +170,20 @@ def _openvino(ctx: BenchContext) -> BenchPath:
     """The plain model converted by OpenVINO and compiled for the CPU with its default settings
     (what a CPU user would run; its default inference precision is bf16 on CPUs with bf16
     support), inside the fp32 reference sampling loop."""
-    from fastdiff import openvino_engine
+    from fastdiff.engines import openvino
 
     if ctx.device.type != "cpu":
         raise PathSkipped(f"OpenVINO runs on the CPU here, the bench runs on {ctx.device}")
-    if not openvino_engine.available():
+    if not openvino.available():
         raise PathSkipped("openvino is not installed (pip install 'fastdiff[cpu]')")
     from fastdiff.sampling import sample_reference
 
-    model = openvino_engine.OpenVINOModel(ctx.model, None, threads=torch.get_num_threads()).eval()
+    model = openvino.OpenVINOModel(ctx.model, None, threads=torch.get_num_threads()).eval()
 
     def run(noise, class_labels):
         return to_unit(sample_reference(model, ctx.table, noise=noise, class_labels=class_labels, device=ctx.device))
 
-    precision = openvino_engine.default_precision()
-    return BenchPath("openvino", f"OpenVINO {openvino_engine.version()} (default settings: {precision})",
-                     ctx.dtype, run, {"loop": "fastdiff.sampling.sample_reference", "openvino": openvino_engine.version(),
+    precision = openvino.default_precision()
+    return BenchPath("openvino", f"OpenVINO {openvino.version()} (default settings: {precision})",
+                     ctx.dtype, run, {"loop": "fastdiff.sampling.sample_reference", "openvino": openvino.version(),
                                       "inference_precision": precision, "model": "ov.convert_model of the fp32 model"})

@@ -3,7 +3,7 @@
 ``fastdiff bench --quality`` draws one set of N samples per (sampler, steps) of :data:`SWEEP`,
 all from the same seeds (the same x_T: common random numbers, so differences between samplers
 are not drowned by sampling noise), times each set end to end, and scores it by the Fréchet
-distance to the held-out real digits in :mod:`fastdiff.fidelity`'s feature space.
+distance to the held-out real digits in :mod:`fastdiff.bench.fidelity`'s feature space.
 
 DDPM-1000's noise band (the anchor, the sweep's first entry): its FD comes with a bootstrap band (``BOOTSTRAPS`` resamples of its N
 samples, the basic bootstrap interval at ``fidelity.NOISE_QUANTILE``); a sampler "reaches
@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff.files import atomic_write
+
 #: (--sampler name, steps) in the order they are drawn; the first is the anchor every other is
 #: compared with (DDPM-1000, the reference sampler).
 SWEEP = (
@@ -47,8 +49,8 @@ def set_name(sampler: str, steps: int) -> str:
 
 def _built_in_model():
     """(the built-in digits model, its NoiseSchedule, its (C, H, W) image shape)."""
-    from fastdiff.io import load_model
-    from fastdiff.schedule import make_schedule
+    from fastdiff.models.folders import load_model
+    from fastdiff.schedulers import make_schedule
 
     model, info = load_model()
     shape = (info.config.in_channels, info.config.image_size, info.config.image_size)
@@ -57,11 +59,10 @@ def _built_in_model():
 
 def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEEP, progress: bool = True) -> None:
     """Draw (or find cached) every set of ``sweep`` with the eager reference sampler."""
-    from fastdiff.commands import sampler_kwargs
-    from fastdiff.fidelity import draw_in_chunks
-    from fastdiff.io import atomic_write
+    from fastdiff.bench.fidelity import draw_in_chunks
+    from fastdiff.presets import sampler_kwargs
     from fastdiff.sampling import sample_reference
-    from fastdiff.schedule import step_table
+    from fastdiff.schedulers import step_table
 
     model, schedule, shape = _built_in_model()
     (out / "sets").mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEE
         record = {"sampler": sampler, "steps": steps, "model_calls": table.num_steps, "images": images,
                   "seconds": seconds, "cpu_seconds": cpu_seconds, "chunk": chunk, "seed": seed, "torch_threads": torch.get_num_threads(),
                   "load_before": load_before, "load_after": os.getloadavg(),
-                  "path": "fastdiff.sampling.sample_reference (eager PyTorch, float32, CPU)"}  # fmt: skip
+                  "path": "fastdiff.sampling.reference.sample_reference (eager PyTorch, float32, CPU)"}  # fmt: skip
         atomic_write(path, lambda tmp: torch.save(record, tmp))
         if progress:
             print(f"{set_name(sampler, steps)}: {num_samples} images in {seconds:.1f} s "
@@ -105,11 +106,10 @@ def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100,
     images of the cached sets, and check each against its set (the scored images). The Sampler's
     compile is timed apart; its sampling time is the median of ``repeats`` runs.
     ``sampler_options``: extra :class:`~fastdiff.Sampler` arguments (default: none, its defaults)."""
-    from fastdiff.commands import sampler_kwargs
-    from fastdiff.io import atomic_write
-    from fastdiff.sampler import Sampler
+    from fastdiff.presets import sampler_kwargs
     from fastdiff.sampling import sample_reference
-    from fastdiff.schedule import step_table
+    from fastdiff.sampling.sampler import Sampler
+    from fastdiff.schedulers import step_table
 
     model, schedule, shape = _built_in_model()
     sets = {}
@@ -184,7 +184,7 @@ def ensure_speedup(out: Path, num_samples: int = 100, sweep=SWEEP, scored: int |
 
 def bootstrap_band(features: np.ndarray, target: np.ndarray, fd: float, seed: int = 0) -> tuple[float, float]:
     """Basic bootstrap interval of FD(features, target) at the fidelity noise quantile."""
-    from fastdiff.fidelity import NOISE_QUANTILE, frechet_distance
+    from fastdiff.bench.fidelity import NOISE_QUANTILE, frechet_distance
 
     rng = np.random.default_rng(seed)
     n = features.shape[0]
@@ -212,8 +212,8 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
     """The report of every cached set of ``sweep`` (those not drawn yet are listed as missing).
     ``num_samples``: score only the first n images of each set (all sets then compare at the
     same n; images/s stays that of the whole set as drawn)."""
-    from fastdiff.data import load_digits_dataset
-    from fastdiff.fidelity import NOISE_QUANTILE, DigitsFeatures, frechet_distance
+    from fastdiff.bench.fidelity import NOISE_QUANTILE, DigitsFeatures, frechet_distance
+    from fastdiff.training.data import load_digits_dataset
 
     features = DigitsFeatures.fit()
     heldout = features.features(load_digits_dataset("heldout").images)
@@ -338,7 +338,6 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastdiff.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     families = sorted({r["sampler"] for r in report["rows"]})
@@ -367,7 +366,6 @@ def plot(report: dict, path: Path) -> Path:
 def write_report(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
     """Analyse the cached sets and write quality.json/.md/.png and one sample grid per set."""
     from fastdiff.images import save_grid_png
-    from fastdiff.io import atomic_write
 
     report = analyse(out, sweep, num_samples)
     text = json.dumps(report, indent=2) + "\n"

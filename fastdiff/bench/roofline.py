@@ -85,7 +85,7 @@ def count_forward_flops(model: torch.nn.Module, example: tuple) -> dict:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastdiff.unet import SpatialSelfAttention
+    from fastdiff.models.unet import SpatialSelfAttention
 
     own_attention = 0
 

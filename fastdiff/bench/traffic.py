@@ -2,7 +2,7 @@
 
     python -m fastdiff.bench.traffic [--config cifar10] [--batch 1 256] [--dtype bfloat16] [--kernels]
 
-Compiles the sampling step (:class:`fastdiff.sampler.DenoiseStep`) twice with inductor and
+Compiles the sampling step (:class:`fastdiff.sampling.sampler.DenoiseStep`) twice with inductor and
 weight freezing -- plain ``torch.compile`` of the model with the reference ops, and fastdiff's
 accelerated model with the fused ops -- and reads inductor's scheduled kernels just before code
 generation (nothing is generated or run). The lowering is made CUDA-like on this CPU: oneDNN is
@@ -113,24 +113,26 @@ def step_traffic(model: torch.nn.Module, route: str, batch: int, dtype: torch.dt
     Call it in a process that has not compiled with freezing and oneDNN on before (as the command
     runs): inductor sets up its CPU freezing passes once per process, and they would then also
     rewrite this CUDA-style graph (more copies, fewer kernels)."""
-    from fastdiff import backend
-    from fastdiff.acceleration import accelerate
-    from fastdiff.sampler import DenoiseStep, _image_shape, _placed
-    from fastdiff.schedule import ddpm_table, linear_schedule
+    from fastdiff.integrations.diffusers.accelerate import accelerate
+    from fastdiff.ops import backend
+    from fastdiff.sampling.placement import image_shape as model_image_shape
+    from fastdiff.sampling.placement import placed
+    from fastdiff.sampling.step import DenoiseStep
+    from fastdiff.schedulers import ddpm_table, linear_schedule
 
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    image_shape = image_shape or _image_shape(model)
+    image_shape = image_shape or model_image_shape(model)
     fused = route == "fastdiff"
     channels_last = fused if channels_last is None else channels_last
-    net = _placed(accelerate(model) if fused else model, torch.device("cpu"), dtype, channels_last).eval()
+    net = placed(accelerate(model) if fused else model, torch.device("cpu"), dtype, channels_last).eval()
     step = DenoiseStep(net, ddpm_table(linear_schedule(), steps=10), dtype, channels_last)
     x = torch.zeros((batch, *image_shape))
     index = torch.zeros((), dtype=torch.int64)
     found: list[list[Kernel]] = []
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="inductor", fullgraph=True, dynamic=False)
-    kernel_route = backend._cpu_tensors_take_the_kernel_route() if fused else contextlib.nullcontext()
+    kernel_route = backend.cpu_tensors_take_the_kernel_route() if fused else contextlib.nullcontext()
     options = {"freezing": True, "force_layout_optimization": True}
     with torch.no_grad(), torch._inductor.config.patch(options), torch.backends.mkldnn.flags(enabled=False), \
             kernel_route, _capture_schedule(found), contextlib.suppress(_Scheduled):  # fmt: skip
@@ -169,17 +171,18 @@ def format_kernels(result: Traffic) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastdiff.unet import UNet, UNetConfig
+    from fastdiff.models.unet import UNet, preset_config
+    from fastdiff.presets import DTYPE_NAMES, PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fastdiff.bench.traffic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=("cifar10", "tiny", "default"), default="cifar10")
+    parser.add_argument("--config", choices=PRESETS, default="cifar10")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 256])
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     parser.add_argument("--kernels", action="store_true", help="also list every kernel")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    config = {"cifar10": UNetConfig.cifar10, "tiny": UNetConfig.tiny, "default": UNetConfig}[args.config]()
+    config = preset_config(args.config)
     model = UNet(config).eval()
     results = [step_traffic(model, route, batch, dtype) for batch in args.batch for route in ROUTES]
     print(f"{args.config} UNet + sampling step, {args.dtype}, inductor with CUDA-style lowering on this CPU")

@@ -1,6 +1,9 @@
-"""``fastdiff`` subcommands: one module each, defining ``configure(parser)`` and ``run(args) -> int``.
+"""``fastdiff`` subcommands: one module each, defining ``configure(parser)`` and ``run(args) -> int``,
+and the argument types they share. Commands parse arguments and call the library's API.
 
-:mod:`fastdiff.cli` imports a command's module only when that command runs.
+:mod:`fastdiff.cli` imports a command's module only when that command runs, and a command
+imports torch and the library inside ``run``: ``fastdiff COMMAND --help`` stays instant.
+May import: the whole library; nothing in the library imports it.
 """
 from __future__ import annotations
 
@@ -96,42 +99,14 @@ def unit_interval_float(text: str) -> float:
     return value
 
 
-#: Random-init presets a command can take with --config instead of a model folder.
-PRESETS = ("default", "cifar10", "tiny")
-#: --sampler name -> (fastdiff.schedule method, DPM-Solver++ order or None); restated here so
-#: that `fastdiff COMMAND --help` needs no torch import.
-SAMPLER_METHODS = {
-    "ddpm": ("ddpm", None),
-    "ddim": ("ddim", None),
-    "dpm++2m": ("dpmsolver++", 2),
-    "dpm++3m": ("dpmsolver++", 3),
-    "dpm++2m-sde": ("sde-dpmsolver++", 2),
-    "dpm++3m-sde": ("sde-dpmsolver++", 3),
-}
-SAMPLERS = tuple(SAMPLER_METHODS)
-#: Default --steps: DDIM 50, DPM-Solver++ 20 (diffusers' usual settings); DDPM runs all T.
-DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20}
-
-
-def sampler_kwargs(name: str) -> dict:
-    """--sampler name -> keyword arguments of fastdiff.schedule.step_table / fastdiff.Sampler."""
-    method, order = SAMPLER_METHODS[name]
-    return {"method": method} if order is None else {"method": method, "order": order}
-
-
-def default_steps(name: str, num_timesteps: int) -> int:
-    return DEFAULT_STEPS.get(SAMPLER_METHODS[name][0], num_timesteps)
-
-
 def load_model_arg(args: argparse.Namespace, device: str):
     """The model named by ``--config PRESET`` (random init) or ``--model FOLDER`` (default: the
     built-in model) -> (model, ModelInfo); a bad folder is a UsageError naming --model."""
-    from fastdiff.io import load_model, random_init_model
-    from fastdiff.unet import UNetConfig
+    from fastdiff.models.folders import load_model, random_init_model
+    from fastdiff.models.unet import preset_config
 
     if args.config is not None:
-        preset = {"default": UNetConfig, "cifar10": UNetConfig.cifar10, "tiny": UNetConfig.tiny}[args.config]
-        return random_init_model(preset(), device=device)
+        return random_init_model(preset_config(args.config), device=device)
     try:
         return load_model(args.model, device=device)
     except (FileNotFoundError, ValueError) as e:

@@ -6,7 +6,8 @@ import datetime
 import re
 from pathlib import Path
 
-from fastdiff.commands import SAMPLERS, UsageError, positive_int, seed_int
+from fastdiff.commands import UsageError, positive_int, seed_int
+from fastdiff.presets import DTYPE_NAMES, SAMPLERS
 
 PATH_NAMES = ("reference", "compile", "fastdiff", "diffusers")  # the default; "openvino" on request
 
@@ -19,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes, e.g. --batch 1 4 16 (default: 1 8 on CPU, 1 16 64 on GPU)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: 10 on CPU, 50 on GPU)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                         help="precision of the compile/fastdiff/diffusers paths; the reference is always "
                              "float32 (default: %(default)s)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     if args.model is not None:
-        from fastdiff.io import read_model_info
+        from fastdiff.models.folders import read_model_info
 
         try:
             read_model_info(args.model)  # a bad folder is a usage error before any work

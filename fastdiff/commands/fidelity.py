@@ -6,9 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from fastdiff.commands import (
-    SAMPLERS, UsageError, default_steps, positive_int, resolve_device, sampler_kwargs, seed_int,
-)
+from fastdiff.commands import UsageError, positive_int, resolve_device, seed_int
+from fastdiff.presets import SAMPLERS, default_steps, sampler_kwargs
 
 DEFAULT_DDIM_STEPS = 50
 QUICK_SAMPLES, QUICK_DDIM_STEPS = 48, 10
@@ -39,11 +38,12 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     import torch
 
-    from fastdiff import fidelity
-    from fastdiff.io import atomic_write, load_model
-    from fastdiff.sampler import Sampler
+    from fastdiff.bench import fidelity
+    from fastdiff.files import atomic_write
+    from fastdiff.models.folders import load_model
     from fastdiff.sampling import sample_reference
-    from fastdiff.schedule import make_schedule, step_table
+    from fastdiff.sampling.sampler import Sampler
+    from fastdiff.schedulers import make_schedule, step_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_report(report) -> None:
-    from fastdiff.fidelity import NOISE_QUANTILE
+    from fastdiff.bench.fidelity import NOISE_QUANTILE
 
     q = f"q{round(100 * NOISE_QUANTILE)}"
     print(f"accelerated path: {report.accelerated_path}")

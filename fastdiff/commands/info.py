@@ -30,7 +30,7 @@ def collect() -> dict:
     import torch
 
     import fastdiff
-    from fastdiff import backend
+    from fastdiff.ops import backend
 
     cuda = torch.cuda.is_available()
     versions = {
@@ -51,7 +51,7 @@ def collect() -> dict:
     paths = {
         "cpu": backend.kernel_path("cpu") + " (eager PyTorch)",
         "cuda": backend.kernel_path("cuda") if cuda else "n/a (no GPU)",
-        "triton interpreter": "available: TRITON_INTERPRET=1 + fastdiff.backend.interpreted_kernels()"
+        "triton interpreter": "available: TRITON_INTERPRET=1 + fastdiff.ops.backend.interpreted_kernels()"
         if backend.triton_available() else "unavailable (triton not installed)",
         "TRITON_INTERPRET": "1 (kernels run interpreted)" if backend.interpreter_active() else "unset",
     }

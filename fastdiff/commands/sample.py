@@ -8,14 +8,20 @@ import time
 from pathlib import Path
 
 from fastdiff.commands import (
-    PRESETS, SAMPLERS, UsageError, add_threads_argument, apply_threads, default_steps, load_model_arg,
-    non_negative_float, positive_int, resolve_device, sampler_kwargs, seed_int,
+    UsageError,
+    add_threads_argument,
+    apply_threads,
+    load_model_arg,
+    non_negative_float,
+    positive_int,
+    resolve_device,
+    seed_int,
 )
+from fastdiff.presets import DTYPE_NAMES, PRESETS, SAMPLERS, default_steps, sampler_kwargs
 
 DEFAULT_DDIM_STEPS = 50
-#: The output set: written together into --out, as one unit (fastdiff.io.atomic_folder).
+#: The output set: written together into --out, as one unit (fastdiff.models.folders.atomic_folder).
 PNG_NAME, NPZ_NAME = "samples.png", "samples.npz"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     large = parser.add_argument_group(
-        "large-N sampling (fastdiff.shards; under torchrun each rank takes its share of the shards)"
+        "large-N sampling (fastdiff.scale.shards; under torchrun each rank takes its share of the shards)"
     )
     large.add_argument("--num-images", type=positive_int, metavar="N",
                        help="draw N images into --out in resumable shards instead of one grid of --batch")
@@ -52,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="use fastdiff.Sampler: fused ops, torch.compile, CUDA graphs on a GPU (default: the eager reference)",
     )
     parser.add_argument(
-        "--dtype", choices=DTYPES, default="float32",
+        "--dtype", choices=DTYPE_NAMES, default="float32",
         help="model precision with --accelerate; step maths stay float32 (default: %(default)s)",
     )
 
@@ -74,10 +80,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     threads = apply_threads(args.threads)
+    from fastdiff.engines.memory import check_fits
+    from fastdiff.files import atomic_folder
     from fastdiff.images import save_grid_png, save_npz
-    from fastdiff.io import atomic_folder, pause_point
-
-    from fastdiff.memory import check_fits
+    from fastdiff.pause import pause_point
 
     model, info, table = load_model_and_table(args, device)
     steps = table.num_steps
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_model_and_table(args: argparse.Namespace, device: str):
     """(model, ModelInfo, StepTable) for --model/--config, --sampler, --steps and --eta."""
-    from fastdiff.schedule import make_schedule, step_table
+    from fastdiff.schedulers import make_schedule, step_table
 
     model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)
@@ -141,7 +147,7 @@ def load_model_and_table(args: argparse.Namespace, device: str):
 
 def run_sharded(args: argparse.Namespace, device: str) -> int:
     """--num-images: every rank (one without torchrun) samples its shards into --out."""
-    from fastdiff.distributed import process_group
+    from fastdiff.scale.distributed import process_group
 
     with process_group(device) as (device, world):
         return _sample_shards(args, device, world)
@@ -150,9 +156,8 @@ def run_sharded(args: argparse.Namespace, device: str) -> int:
 def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     import torch
 
-    from fastdiff import shards
-
-    from fastdiff.memory import check_fits
+    from fastdiff.engines.memory import check_fits
+    from fastdiff.scale import shards
 
     say = print if world.is_main else (lambda *a, **k: None)
     # Ranks on one machine share its cores and memory (torchrun sets LOCAL_WORLD_SIZE).
@@ -195,7 +200,7 @@ def build_sampler(model, table, device: str, progress: bool = True, accelerated_
     from fastdiff.sampling import sample_reference
 
     if accelerated_dtype is not None:
-        from fastdiff.sampler import Sampler
+        from fastdiff.sampling.sampler import Sampler
 
         sampler = Sampler(model, table, dtype=accelerated_dtype, device=device)
 

@@ -6,7 +6,13 @@ import time
 from pathlib import Path
 
 from fastdiff.commands import (
-    UsageError, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device, seed_int,
+    UsageError,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resolve_device,
+    seed_int,
     unit_interval_float,
 )
 
@@ -50,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Under torchrun every process trains (DistributedDataParallel); rank 0 alone prints, logs,
     checkpoints and exports."""
-    from fastdiff.distributed import process_group
+    from fastdiff.scale.distributed import process_group
 
     with process_group(resolve_device(args.device)) as (device, world):
         return _train(args, device, world)
@@ -59,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, device: str, world) -> int:
     import torch
 
-    from fastdiff.data import load_training_images
-    from fastdiff.train import CHECKPOINT_FILE, TrainConfig, Trainer
-    from fastdiff.unet import UNetConfig
+    from fastdiff.models.unet import UNetConfig
+    from fastdiff.training.data import load_training_images
+    from fastdiff.training.trainer import CHECKPOINT_FILE, TrainConfig, Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

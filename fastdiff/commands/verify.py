@@ -20,13 +20,17 @@ import time
 from pathlib import Path
 
 from fastdiff.commands import (
-    PRESETS, SAMPLERS, add_threads_argument, apply_threads, load_model_arg, positive_int, resolve_device,
-    sampler_kwargs, seed_int,
+    add_threads_argument,
+    apply_threads,
+    load_model_arg,
+    positive_int,
+    resolve_device,
+    seed_int,
 )
+from fastdiff.presets import DTYPE_NAMES, PRESETS, SAMPLERS, sampler_kwargs
 
 FP32_MAX_ABS = 1e-4
 HALF_MIN_PSNR_DB = 30.0
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -90,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     threads = apply_threads(args.threads)
-    from fastdiff.sampler import Sampler
     from fastdiff.sampling import draw_noise, sample_reference
-    from fastdiff.schedule import ddim_table, ddpm_table, make_schedule, step_table
+    from fastdiff.sampling.sampler import Sampler
+    from fastdiff.schedulers import ddim_table, ddpm_table, make_schedule, step_table
 
     model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)

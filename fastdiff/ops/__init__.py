@@ -1,5 +1,5 @@
 """The ``fastdiff::*`` ops: registered with torch.library (schema + fake function), checked
-here once, dispatched by :mod:`fastdiff.backend` to the Triton kernels or the eager reference.
+here once, dispatched by :mod:`fastdiff.ops.backend` to the Triton kernels or the eager reference.
 
 Each public function below is the entry point the models call. On a plain CPU run it calls
 the eager reference directly, so torch.compile (inductor) can see and fuse it; on CUDA (and

@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdiff import backend, reference
+from fastdiff.kernels.layouts import output_like
+from fastdiff.ops import backend, reference
 from fastdiff.ops._checks import check_same_device, check_tensor
 
 MAX_HEAD_DIM = 512  # the largest head dim the kernel's tiles are sized (and checked) for
@@ -24,21 +25,7 @@ SDPA_FLASH_MAX_HEAD_DIM = 256
 SDPA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 SDPA_FLASH = "sdpa-flash"  # F.scaled_dot_product_attention, FlashAttention-2 backend
 KERNEL = "fastdiff-kernel"  # kernels/attention.py (on CPU tensors: under Triton's interpreter)
-REFERENCE = "reference"  # fastdiff.reference.attention, eager PyTorch
-
-
-def output_like(q: torch.Tensor) -> torch.Tensor:
-    """An empty (B, heads, N_q, D) output whose dimension order follows q's strides (dense, last
-    dim contiguous): q/k/v sliced out of a channels_last qkv convolution give an output laid out
-    (B, N, heads, D), which the caller's transpose-and-reshape back to (B, C, H, W) reads as a
-    channels_last view without a copy; a contiguous q gives a contiguous output."""
-    order = sorted(range(3), key=lambda d: (-q.stride(d), d))  # outer to inner among B, heads, N
-    strides = [0, 0, 0, 1]
-    step = q.shape[3]
-    for d in reversed(order):
-        strides[d] = step
-        step *= q.shape[d]
-    return torch.empty_strided(q.shape, strides, dtype=q.dtype, device=q.device)
+REFERENCE = "reference"  # fastdiff.ops.reference.attention, eager PyTorch
 
 
 def flash_takes(dtype: torch.dtype, head_dim: int, last_dims_contiguous: bool, capability: tuple[int, int]) -> bool:

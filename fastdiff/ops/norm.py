@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import backend, reference
+from fastdiff.ops import backend, reference
 from fastdiff.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 

@@ -1,6 +1,6 @@
 """``fastdiff::q_sample``: the forward-diffusion sample x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps.
 
-Semantics are :func:`fastdiff.reference.q_sample`; the kernel is :mod:`fastdiff.kernels.q_sample`.
+Semantics are :func:`fastdiff.ops.reference.q_sample`; the kernel is :mod:`fastdiff.kernels.q_sample`.
 No value of a CUDA tensor is read on the host (an out-of-range CUDA ``t`` gives NaN rows, see the
 kernel); CPU ``t`` is checked and raises ValueError (RuntimeError under torch.compile, whose
 graphs keep the check rather than wrap -1 to t = T - 1).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import backend, reference
+from fastdiff.ops import backend, reference
 from fastdiff.ops._checks import check_index_values, check_rng, check_same_device, check_same_shape, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -1,7 +1,7 @@
 """``fastdiff::sampler_step``: one fused sampler update (x0, clamp, posterior mean, noise,
 and for multistep solvers the history of previous data predictions, updated in place).
 
-Semantics are :func:`fastdiff.reference.sampler_step`; the kernel is
+Semantics are :func:`fastdiff.ops.reference.sampler_step`; the kernel is
 :mod:`fastdiff.kernels.sampler_step`. No value of a CUDA tensor is read on the host, so the op
 can be captured in a CUDA graph and replayed with ``step_index`` (and ``rng``) updated in place.
 An out-of-range CUDA ``step_index`` is therefore not caught here: the kernel writes NaN (see
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import backend, reference
+from fastdiff.ops import backend, reference
 from fastdiff.ops._checks import check_index_values, check_rng, check_same_device, check_same_shape, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)
-NUM_COEFS = 6  # columns of fastdiff.schedule.STEP_COLUMNS
+NUM_COEFS = 6  # columns of fastdiff.schedulers.STEP_COLUMNS
 #: Previous data predictions a step may read (DPM-Solver++ of order 3 reads two).
 MAX_HISTORY = 2
 

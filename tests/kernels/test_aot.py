@@ -12,11 +12,17 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import MockTensor
-
-from fastdiff.kernels.aot import (SHARED_LIMIT, AotSpec, CompileResult, compile_spec, global_load_bytes, launch_spec,
-                                  parse_ptxas_log)
+from fastdiff.kernels.aot import (
+    SHARED_LIMIT,
+    AotSpec,
+    CompileResult,
+    compile_spec,
+    global_load_bytes,
+    launch_spec,
+    parse_ptxas_log,
+)
 from fastdiff.kernels.report import Report, Row, format_markdown
+from triton.runtime.jit import MockTensor
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_MODULES = ("group_norm", "attention", "sampler_step", "q_sample")

@@ -8,10 +8,10 @@ costs ~0.1 ms per key block, bf16 several times more.
 """
 import pytest
 import torch
-
-from fastdiff import reference
 from fastdiff.kernels import attention as attn
 from helpers import assert_close, assert_within_2x_of_torch
+
+from fastdiff.ops import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

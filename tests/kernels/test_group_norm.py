@@ -7,10 +7,10 @@ which the floor absorbs.
 """
 import pytest
 import torch
-
-from fastdiff import reference
 from fastdiff.kernels import group_norm as gn
 from helpers import assert_close, assert_within_2x_of_torch
+
+from fastdiff.ops import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

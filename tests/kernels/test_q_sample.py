@@ -1,12 +1,13 @@
-"""The fused q-sample kernel against fastdiff.reference.q_sample: the interpreter on CPU tensors
+"""The fused q-sample kernel against fastdiff.ops.reference.q_sample: the interpreter on CPU tensors
 here, the compiled kernel in the @gpu tests."""
 import pytest
 import torch
-from helpers import DTYPES, ELEMENTWISE_SHAPES as SHAPES, TOLERANCES, assert_close, ks_statistic_normal
-
-from fastdiff import reference
 from fastdiff.kernels import q_sample as kernel
-from fastdiff.schedule import linear_schedule
+from helpers import DTYPES, TOLERANCES, assert_close, ks_statistic_normal
+from helpers import ELEMENTWISE_SHAPES as SHAPES
+
+from fastdiff.ops import reference
+from fastdiff.schedulers import linear_schedule
 
 TABLE = linear_schedule().q_sample_table()  # (1000, 2) [sqrt(abar), sqrt(1 - abar)]
 T = TABLE.shape[0]

@@ -1,13 +1,14 @@
-"""The fused sampler step kernel against fastdiff.reference.sampler_step: the interpreter on CPU
+"""The fused sampler step kernel against fastdiff.ops.reference.sampler_step: the interpreter on CPU
 tensors here, the compiled kernel in the @gpu tests."""
 import pytest
 import torch
-from helpers import DTYPES, ELEMENTWISE_SHAPES as SHAPES, TOLERANCES, assert_close, ks_statistic_normal
-
-from fastdiff import reference
 from fastdiff.kernels import sampler_step as kernel
-from fastdiff.dpmsolver import dpmsolver_table
-from fastdiff.schedule import ddpm_table, linear_schedule
+from helpers import DTYPES, TOLERANCES, assert_close, ks_statistic_normal
+from helpers import ELEMENTWISE_SHAPES as SHAPES
+
+from fastdiff.ops import reference
+from fastdiff.schedulers import ddpm_table, linear_schedule
+from fastdiff.schedulers.dpmsolver import dpmsolver_table
 
 #: Diffusers-form DDPM over 10 of 1000 steps: x0 clipped, sigma > 0 except at the last step.
 TABLE = ddpm_table(linear_schedule(), steps=10, form="diffusers")
@@ -181,9 +182,9 @@ def test_noise_matches_reference_philox(seed, offset, step):
 
 
 def test_first_sample_word_keys_noise_by_global_image_index():
-    # Images 6..8 of a sharded run (fastdiff.shards) draw, in the kernel, the z that
+    # Images 6..8 of a sharded run (fastdiff.scale.shards) draw, in the kernel, the z that
     # shards.image_noise gives them, whichever batch they sit in.
-    from fastdiff.shards import image_noise
+    from fastdiff.scale.shards import image_noise
 
     z = draw_noise((3, 1, 5, 5), seed=5, offset=0, step=2, first_sample=6)
     expected = image_noise(TABLE, 6, 3, (1, 5, 5), seed=5).z[2]

@@ -1,0 +1,30 @@
+"""Names the command line and the library share: model presets, sampler names, dtype names.
+Torch-free, so that ``fastdiff COMMAND --help`` needs no torch import."""
+from __future__ import annotations
+
+#: Random-init model presets (:func:`fastdiff.models.unet.preset_config`), --config of the commands.
+PRESETS = ("default", "cifar10", "tiny")
+#: --sampler name -> (fastdiff.schedulers method, DPM-Solver++ order or None).
+SAMPLER_METHODS = {
+    "ddpm": ("ddpm", None),
+    "ddim": ("ddim", None),
+    "dpm++2m": ("dpmsolver++", 2),
+    "dpm++3m": ("dpmsolver++", 3),
+    "dpm++2m-sde": ("sde-dpmsolver++", 2),
+    "dpm++3m-sde": ("sde-dpmsolver++", 3),
+}
+SAMPLERS = tuple(SAMPLER_METHODS)
+#: Model dtypes by name (``getattr(torch, name)``), --dtype of the commands.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+#: Default --steps: DDIM 50, DPM-Solver++ 20 (diffusers' usual settings); DDPM runs all T.
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20}
+
+
+def sampler_kwargs(name: str) -> dict:
+    """--sampler name -> keyword arguments of fastdiff.schedulers.step_table / fastdiff.Sampler."""
+    method, order = SAMPLER_METHODS[name]
+    return {"method": method} if order is None else {"method": method, "order": order}
+
+
+def default_steps(name: str, num_timesteps: int) -> int:
+    return DEFAULT_STEPS.get(SAMPLER_METHODS[name][0], num_timesteps)

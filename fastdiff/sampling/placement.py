@@ -1,0 +1,83 @@
+"""What a Sampler is built from: the step table its ``schedule`` argument names, the device, and
+the model's shape, conditioning and placement (device, dtype, layout)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from fastdiff.integrations.diffusers import types
+from fastdiff.integrations.diffusers.schedulers import table_from_scheduler
+from fastdiff.models.folders import SCHEDULE_ATTRIBUTE
+from fastdiff.schedulers import NoiseSchedule, StepTable, linear_schedule, step_table
+
+
+def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module) -> StepTable:
+    """The StepTable of a Sampler's ``schedule`` argument (see :class:`~fastdiff.sampling.Sampler`)."""
+    if isinstance(schedule, StepTable):
+        if (method, steps, eta, order) != (None, None, 0.0, None):
+            raise ValueError("pass method/steps/eta/order or a ready StepTable as schedule, not both")
+        return schedule
+    if types.is_type(schedule, "DDPMScheduler", "DDIMScheduler"):
+        kind = "ddim" if types.is_type(schedule, "DDIMScheduler") else "ddpm"
+        if method not in (None, kind):
+            raise ValueError(f"method {method!r} does not match the {type(schedule).__name__} passed as schedule")
+        if eta and kind != "ddim":
+            raise ValueError("eta applies to a DDIMScheduler only")
+        return table_from_scheduler(schedule, steps=steps, eta=eta)
+    if schedule is None:
+        schedule = getattr(model, SCHEDULE_ATTRIBUTE, None) or linear_schedule()
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError("schedule must be a diffusers DDPMScheduler/DDIMScheduler, a NoiseSchedule, a StepTable "
+                        f"or None, got {type(schedule).__name__}")  # fmt: skip
+    method = method or "ddpm"
+    if order is not None and not method.endswith("dpmsolver++"):
+        raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
+    return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order)
+
+
+def resolve_device(device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so it compares equal to the devices tensors report."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device}: no CUDA device is available here (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def image_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) from a fastdiff or diffusers UNet's config; None when it does not say."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if types.is_unet(model):
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return config.in_channels, height, width
+    if hasattr(config, "image_size") and hasattr(config, "in_channels"):
+        return config.in_channels, config.image_size, config.image_size
+    return None
+
+
+def class_conditioned(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "num_classes", None) or getattr(config, "num_class_embeds", None))
+
+
+def placed(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """``model`` on ``device`` in ``dtype`` (and channels_last). It shares the caller's weights
+    when they already fit; otherwise the weights are converted in a copy, so the caller's model
+    is never changed."""
+    tensors = [*model.parameters(), *model.buffers()]
+    fits = all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors)
+    if fits and not channels_last:
+        return model
+    converted = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return converted.to(memory_format=torch.channels_last) if channels_last else converted

@@ -1,0 +1,42 @@
+"""DDIM (Song et al. 2021) with ``eta``, as ``diffusers.DDIMScheduler.step``, as a StepTable."""
+from __future__ import annotations
+
+import torch
+
+from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, abar_pairs
+from fastdiff.schedulers.timesteps import spaced_timesteps
+
+
+def ddim_table(
+    schedule: NoiseSchedule,
+    steps: int = 50,
+    eta: float = 0.0,
+    clip_sample: bool = False,
+    clip_range: float = 1.0,
+    set_alpha_to_one: bool = True,
+    use_clipped_model_output: bool = False,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> StepTable:
+    """DDIM (Song et al. 2021) with ``eta``, matching ``diffusers.DDIMScheduler.step``.
+    ``spacing``/``steps_offset``: see :func:`spaced_timesteps`; whatever the spacing, each step
+    goes to t - T // steps (``final_abar`` below 0), as ``DDIMScheduler.step`` does."""
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    T = schedule.num_timesteps
+    timesteps = spaced_timesteps(T, steps, spacing, steps_offset)
+    final_abar = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod[0])
+    abar, abar_prev = abar_pairs(schedule, timesteps, timesteps - T // steps, final_abar=final_abar)
+    variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
+    sigma = eta * variance.sqrt()
+    direction = (1.0 - abar_prev - sigma**2).clamp(min=0).sqrt()
+    zeros = torch.zeros_like(abar)
+    clip = clip_range if clip_sample else None
+    if use_clipped_model_output and clip is not None:
+        # eps recomputed from the clipped x0: eps' = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        scale = direction / (1.0 - abar).sqrt()
+        mean = (abar_prev.sqrt() - scale * abar.sqrt(), scale, zeros)
+    else:
+        mean = (abar_prev.sqrt(), zeros, direction)
+    coefs = torch.stack([1.0 / abar.sqrt(), (1.0 - abar).sqrt() / abar.sqrt(), *mean, sigma], dim=1).float()
+    return StepTable("ddim", timesteps, coefs, clip)
