@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastdiff.training.data import load_digits_dataset
+
 #: Hidden units of the feature classifier (the feature dimension).
 FEATURE_DIM = 32
 #: Random equal splits of the pooled reference samples used to estimate the ref-vs-ref noise.
@@ -37,8 +39,6 @@ class DigitsFeatures:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.neural_network import MLPClassifier
         from threadpoolctl import threadpool_limits
-
-        from fastdiff.training.data import load_digits_dataset
 
         train, heldout = load_digits_dataset("train"), load_digits_dataset("heldout")
         classifier = MLPClassifier(hidden_layer_sizes=(FEATURE_DIM,), alpha=1e-3, max_iter=400, random_state=0)
@@ -135,7 +135,6 @@ def compare(
     """The report for three equal-size sample sets: two reference draws and one accelerated."""
     if not reference.shape == reference_again.shape == accelerated.shape:
         raise ValueError("the three sample sets must have the same shape")
-    from fastdiff.training.data import load_digits_dataset
 
     f_ref, f_ref2, f_acc = (features.features(x) for x in (reference, reference_again, accelerated))
     heldout, train = load_digits_dataset("heldout").images, load_digits_dataset("train").images

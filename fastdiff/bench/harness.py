@@ -20,6 +20,8 @@ import torch
 from fastdiff.bench import environment, roofline
 from fastdiff.bench.paths import DEFAULT_PATHS, PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
 from fastdiff.bench.telemetry import Telemetry, summarize
+from fastdiff.models.folders import load_model, random_init_model
+from fastdiff.models.unet import UNetConfig, preset_config
 from fastdiff.presets import DTYPE_NAMES, SAMPLERS, sampler_kwargs
 from fastdiff.sampling import draw_noise
 from fastdiff.schedulers import make_schedule, step_table
@@ -116,8 +118,6 @@ PRESETS = ("cifar10", "tiny")
 
 def load_bench_model(settings: BenchSettings):
     """(fp32 model on the device, ModelInfo) for the settings: quick -> tiny preset."""
-    from fastdiff.models.folders import load_model, random_init_model
-    from fastdiff.models.unet import UNetConfig, preset_config
 
     if settings.quick and settings.model is None and settings.config is None:
         return random_init_model(UNetConfig.tiny(), device=settings.device)

@@ -29,7 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff.bench.fidelity import NOISE_QUANTILE, DigitsFeatures, draw_in_chunks, frechet_distance
 from fastdiff.files import atomic_write
+from fastdiff.images import save_grid_png
+from fastdiff.models.folders import load_model
+from fastdiff.presets import sampler_kwargs
+from fastdiff.sampling import ExternalNoise, draw_noise, sample_reference
+from fastdiff.sampling.sampler import Sampler
+from fastdiff.schedulers import make_schedule, step_table
+from fastdiff.training.data import load_digits_dataset
 
 #: (--sampler name, steps) in the order they are drawn; the first is the anchor every other is
 #: compared with (DDPM-1000, the reference sampler).
@@ -49,8 +57,6 @@ def set_name(sampler: str, steps: int) -> str:
 
 def _built_in_model():
     """(the built-in digits model, its NoiseSchedule, its (C, H, W) image shape)."""
-    from fastdiff.models.folders import load_model
-    from fastdiff.schedulers import make_schedule
 
     model, info = load_model()
     shape = (info.config.in_channels, info.config.image_size, info.config.image_size)
@@ -59,10 +65,6 @@ def _built_in_model():
 
 def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEEP, progress: bool = True) -> None:
     """Draw (or find cached) every set of ``sweep`` with the eager reference sampler."""
-    from fastdiff.bench.fidelity import draw_in_chunks
-    from fastdiff.presets import sampler_kwargs
-    from fastdiff.sampling import sample_reference
-    from fastdiff.schedulers import step_table
 
     model, schedule, shape = _built_in_model()
     (out / "sets").mkdir(parents=True, exist_ok=True)
@@ -91,8 +93,6 @@ def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEE
 
 def _first_noise(table, shape, num_samples: int, chunk: int, seed: int):
     """The noise of the first ``num_samples`` images of a set drawn by :func:`draw_sets` (chunk 0)."""
-    from fastdiff.sampling import ExternalNoise, draw_noise
-
     if num_samples > chunk:
         raise ValueError(f"num_samples ({num_samples}) must fit in the sets' first chunk ({chunk})")
     noise = draw_noise(table, (chunk, *shape), seed)
@@ -106,10 +106,6 @@ def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100,
     images of the cached sets, and check each against its set (the scored images). The Sampler's
     compile is timed apart; its sampling time is the median of ``repeats`` runs.
     ``sampler_options``: extra :class:`~fastdiff.Sampler` arguments (default: none, its defaults)."""
-    from fastdiff.presets import sampler_kwargs
-    from fastdiff.sampling import sample_reference
-    from fastdiff.sampling.sampler import Sampler
-    from fastdiff.schedulers import step_table
 
     model, schedule, shape = _built_in_model()
     sets = {}
@@ -184,8 +180,6 @@ def ensure_speedup(out: Path, num_samples: int = 100, sweep=SWEEP, scored: int |
 
 def bootstrap_band(features: np.ndarray, target: np.ndarray, fd: float, seed: int = 0) -> tuple[float, float]:
     """Basic bootstrap interval of FD(features, target) at the fidelity noise quantile."""
-    from fastdiff.bench.fidelity import NOISE_QUANTILE, frechet_distance
-
     rng = np.random.default_rng(seed)
     n = features.shape[0]
     draws = np.array([frechet_distance(features[rng.integers(0, n, n)], target) for _ in range(BOOTSTRAPS)])
@@ -212,8 +206,6 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
     """The report of every cached set of ``sweep`` (those not drawn yet are listed as missing).
     ``num_samples``: score only the first n images of each set (all sets then compare at the
     same n; images/s stays that of the whole set as drawn)."""
-    from fastdiff.bench.fidelity import NOISE_QUANTILE, DigitsFeatures, frechet_distance
-    from fastdiff.training.data import load_digits_dataset
 
     features = DigitsFeatures.fit()
     heldout = features.features(load_digits_dataset("heldout").images)
@@ -338,7 +330,6 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     families = sorted({r["sampler"] for r in report["rows"]})
     for family in families:
@@ -365,8 +356,6 @@ def plot(report: dict, path: Path) -> Path:
 
 def write_report(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
     """Analyse the cached sets and write quality.json/.md/.png and one sample grid per set."""
-    from fastdiff.images import save_grid_png
-
     report = analyse(out, sweep, num_samples)
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(out / "quality.json", lambda tmp: tmp.write_text(text))

@@ -11,6 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fastdiff.models.unet import SpatialSelfAttention
+
 #: Problem sizes of the probes: large enough to reach the device's steady throughput.
 #: "quick" keeps the CI smoke test fast; its roof is lower and the JSON records the sizes used.
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192, "quick": 512}
@@ -84,8 +86,6 @@ def count_forward_flops(model: torch.nn.Module, example: tuple) -> dict:
     to SDPA ops is replaced by 4 N^2 D per head for every SpatialSelfAttention call.
     """
     from torch.utils.flop_counter import FlopCounterMode
-
-    from fastdiff.models.unet import SpatialSelfAttention
 
     own_attention = 0
 

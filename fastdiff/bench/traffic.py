@@ -23,6 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdiff.integrations.diffusers.accelerate import accelerate
+from fastdiff.models.unet import UNet, preset_config
+from fastdiff.ops import backend
+from fastdiff.presets import DTYPE_NAMES, PRESETS
+from fastdiff.sampling.placement import image_shape as model_image_shape
+from fastdiff.sampling.placement import placed
+from fastdiff.sampling.step import DenoiseStep
+from fastdiff.schedulers import ddpm_table, linear_schedule
+
 H100_BYTES_PER_S = 3.35e12
 H100_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}
 ROUTES = ("torch.compile", "fastdiff")
@@ -113,12 +122,6 @@ def step_traffic(model: torch.nn.Module, route: str, batch: int, dtype: torch.dt
     Call it in a process that has not compiled with freezing and oneDNN on before (as the command
     runs): inductor sets up its CPU freezing passes once per process, and they would then also
     rewrite this CUDA-style graph (more copies, fewer kernels)."""
-    from fastdiff.integrations.diffusers.accelerate import accelerate
-    from fastdiff.ops import backend
-    from fastdiff.sampling.placement import image_shape as model_image_shape
-    from fastdiff.sampling.placement import placed
-    from fastdiff.sampling.step import DenoiseStep
-    from fastdiff.schedulers import ddpm_table, linear_schedule
 
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
@@ -171,8 +174,6 @@ def format_kernels(result: Traffic) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastdiff.models.unet import UNet, preset_config
-    from fastdiff.presets import DTYPE_NAMES, PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fastdiff.bench.traffic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=PRESETS, default="cifar10")

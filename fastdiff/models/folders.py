@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastdiff.files import atomic_folder, atomic_write
+from fastdiff.models.unet import UNet, UNetConfig, count_parameters
 from fastdiff.pause import pause_point
+from fastdiff.schedulers import make_schedule
 
 if TYPE_CHECKING:
     from fastdiff.models.unet import UNetConfig
@@ -49,8 +51,6 @@ class ModelInfo:
 
     def noise_schedule(self):
         """The model's :class:`~fastdiff.schedulers.NoiseSchedule` (what it was trained with)."""
-        from fastdiff.schedulers import make_schedule
-
         return make_schedule(self.schedule, self.num_timesteps)
 
 
@@ -78,8 +78,6 @@ def save_model(
     ``"extra"`` and returned in :class:`ModelInfo`.
     """
     from safetensors.torch import save_file
-
-    from fastdiff.schedulers import make_schedule
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -111,8 +109,6 @@ def load_model(folder=None, device="cpu", dtype: torch.dtype = torch.float32):
     """
     if folder is None:
         if not BUILTIN_FOLDER.is_dir():
-            from fastdiff.models.unet import UNetConfig
-
             model, info = random_init_model(UNetConfig.cifar10(), device=device, dtype=dtype)
             return model, dataclasses.replace(info, description=f"no built-in model shipped: {info.description}")
         folder = BUILTIN_FOLDER
@@ -122,8 +118,6 @@ def load_model(folder=None, device="cpu", dtype: torch.dtype = torch.float32):
     info = read_model_info(folder)
     weights_path = folder / WEIGHTS_FILE
     tensors, sha256 = _read_weights(weights_path)
-
-    from fastdiff.models.unet import UNet
 
     model = UNet(info.config)
     _check_state_dict(weights_path, tensors, model.state_dict())
@@ -138,8 +132,6 @@ def load_model(folder=None, device="cpu", dtype: torch.dtype = torch.float32):
 
 def read_model_info(folder) -> ModelInfo:
     """Parse and validate ``folder/config.json`` (no weights read)."""
-    from fastdiff.models.unet import UNetConfig
-    from fastdiff.schedulers import make_schedule
 
     folder = Path(folder)
     path = folder / CONFIG_FILE
@@ -176,8 +168,6 @@ def random_init_model(config, seed: int = RANDOM_INIT_SEED, device="cpu", dtype:
 
     Leaves the global RNG state as it was.
     """
-    from fastdiff.models.unet import UNet, count_parameters
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = UNet(config)

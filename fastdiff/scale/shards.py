@@ -46,8 +46,10 @@ import numpy as np
 import torch
 
 from fastdiff.files import atomic_write
+from fastdiff.images import save_npz, to_uint8
 from fastdiff.ops.reference import philox_noise_like
-from fastdiff.sampling import ExternalNoise
+from fastdiff.sampling import ExternalNoise, sample_reference
+from fastdiff.sampling.sampler import Sampler
 from fastdiff.scale.distributed import World, join
 from fastdiff.schedulers import StepTable
 
@@ -268,8 +270,6 @@ def sample_model(
     """:func:`sample_shards` for a fastdiff ``UNet``: the eager reference sampler, or with
     ``accelerated_dtype`` the accelerated :class:`fastdiff.Sampler`, each shard from its
     per-image noise. ``options``: those of :func:`sample_shards`."""
-    from fastdiff.sampling import sample_reference
-
     config = model.config
     image_shape = (config.in_channels, config.image_size, config.image_size)
     if accelerated_dtype is None:
@@ -278,8 +278,6 @@ def sample_model(
         def sample(noise, class_labels):
             return sample_reference(model, table, noise=noise, class_labels=class_labels, device=device)
     else:
-        from fastdiff.sampling.sampler import Sampler
-
         sampler = Sampler(model, table, dtype=accelerated_dtype, device=device)
         path = f"accelerated {str(accelerated_dtype).removeprefix('torch.')}"
 
@@ -354,8 +352,6 @@ def _write_shard(shards_dir: Path, shard: int, start: int, images: torch.Tensor,
     power loss could tear."""
     from PIL import Image
 
-    from fastdiff.images import to_uint8
-
     array = to_uint8(images)
     stop = start + array.shape[0]
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -423,8 +419,6 @@ def _finish(out: Path, plan: ShardPlan, settings: dict, settings_sha: str, world
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     if merge:
-        from fastdiff.images import save_npz
-
         save_npz(_concatenate_shards(out, entries), out / MERGED_NPZ)
         manifest["merged_npz"] = MERGED_NPZ
     text = json.dumps(manifest, indent=2) + "\n"

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.files import atomic_write
+from fastdiff.models.folders import save_model
 from fastdiff.models.unet import UNet, UNetConfig
+from fastdiff.ops import q_sample
 from fastdiff.scale.distributed import World
 from fastdiff.schedulers import make_schedule
 
@@ -140,8 +142,6 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimisation step; returns the (detached) loss without synchronising."""
-        from fastdiff.ops import q_sample
-
         cfg = self.config
         index = torch.randint(self.data.shape[0], (cfg.batch_size,), generator=self.generator)
         t = torch.randint(cfg.num_timesteps, (cfg.batch_size,), generator=self.generator)
@@ -231,7 +231,6 @@ class Trainer:
 
         Only rank 0 writes: every process holds the same weights, optimizer and generator states."""
         from safetensors.torch import save_file
-
 
         folder = Path(folder)
         if not self.world.is_main:
@@ -333,8 +332,6 @@ class Trainer:
 
     def export(self, folder, extra: dict | None = None) -> Path:
         """Save the EMA weights as a model folder (:func:`fastdiff.models.folders.save_model`)."""
-        from fastdiff.models.folders import save_model
-
         self._check_finite_weights(f"export to {folder}")
         info = {"trained_steps": self.step, "train_config": self.config.to_dict(), **(extra or {})}
         return save_model(self.ema, folder, extra=info, schedule=self.config.schedule,
