@@ -26,7 +26,7 @@ def tiny_traffic():
     # per process (fx_passes/freezing_patterns.py lazy_init), the oneDNN ones only if oneDNN is on
     # at that first freezing compile, and a later compile with oneDNN off still runs them. One plain Conv2d+SiLU freezing compile beforehand (no
     # fastdiff code) moves this tiny model's counts from 3 to 7 copies (torch.compile) and 3 to 8
-    # (fastdiff); inside the suite, tests/test_compile.py's bf16 step did that.
+    # (fastdiff); inside the suite, tests/engines/test_inductor.py's bf16 step did that.
     done = subprocess.run([sys.executable, "-c", TINY_TRAFFIC], capture_output=True, check=True, timeout=600)
     return pickle.loads(done.stdout)
 

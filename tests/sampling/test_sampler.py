@@ -88,7 +88,7 @@ def test_bf16_holds_30_db_over_50_steps(model):
     table = ddpm_table(SCHEDULE, steps=50, clip_sample=True)
     noise = draw_noise(table, SHAPE, seed=3)
     expected = sample_reference(model, table, noise=noise)
-    sampler = Sampler(model, table, dtype=torch.bfloat16, compile=False)  # compiled bf16: test_compile.py
+    sampler = Sampler(model, table, dtype=torch.bfloat16, compile=False)  # compiled bf16: tests/engines/test_inductor.py
     actual = sampler.sample(noise=noise)
     assert actual.dtype == torch.float32 and sampler.channels_last
     assert psnr(actual, expected) >= 30.0
