@@ -36,10 +36,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``fastdiff`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    # OpenMP threads that wait passively yield their core instead of spinning on it: on a
-    # machine other processes load, spinning made 2 threads 10-15x slower than 1 (measured,
-    # fastdiff.commands.default_threads). Takes effect only before torch is first imported;
-    # a value the user set wins.
+    # OpenMP threads that wait passively yield their core instead of spinning on it, which on a
+    # machine other processes load is many times slower (README, "Limitations": threads).
+    # Takes effect only before torch is first imported; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

@@ -67,7 +67,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         homes = MOVED[module.__name__]
         warnings.warn(f"{module.__name__} moved to {homes[0]}; the old path goes in fastdiff 0.3",
-                      DeprecationWarning, stacklevel=2)  # fmt: skip
+                      DeprecationWarning, stacklevel=2)
 
 
 def install() -> None:

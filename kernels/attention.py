@@ -160,7 +160,7 @@ def kernel_args(q, k, v, out, scale: float, pointers=None) -> tuple[tuple[int], 
         # CPU tensors reach a kernel only through Triton's interpreter, which multiplies the raw
         # bits of bf16 dot operands (triton-lang/triton#11584); exact bf16 products fit fp32.
         BF16_DOT_IN_FP32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-    )  # fmt: skip
+    )
     return (triton.cdiv(n_q, cfg.block_m) * batch * heads,), args
 
 

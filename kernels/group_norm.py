@@ -51,7 +51,7 @@ _FIELDS = tl.constexpr(PARTIAL_FIELDS)  # the same, visible inside kernels
 
 @triton.jit
 def _program_start(pid, slices, hw_per_slice, HW, channels_per_group, num_groups, GROUP_ALIGN: tl.constexpr,
-                   CHANNELS_LAST: tl.constexpr):  # fmt: skip
+                   CHANNELS_LAST: tl.constexpr):
     """(group, first pixel, offset of the group's first element, its first channel,
     channels_per_group, pixel stride, channel stride) of program ``pid``, one of ``slices`` per
     group = sample * num_groups + g (the one-program kernels pass 1: pid is the group). The stride
@@ -95,7 +95,7 @@ def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
 
 @triton.jit
 def _moments(x_ptr, pivot, hw_begin, hw_end, HW, channels_per_group, stride_hw, stride_c,
-             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """fp32 (count, mean, M2) of x - pivot over the group's pixels [hw_begin, min(hw_end, HW)), one
     tile at a time; hw_begin is a multiple of BLOCK_HW, so every tile starts inside the group."""
     count = 0.0
@@ -138,7 +138,7 @@ def _channel_affine(weight_ptr, bias_ptr, first_channel, cs, c_mask, BLOCK_C: tl
 @triton.jit
 def _normalise(x_ptr, y_ptr, weight_ptr, bias_ptr, first_channel, pivot, mean, rstd, hw_begin, hw_end, HW,
                channels_per_group, stride_hw, stride_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
-               HAS_AFFINE: tl.constexpr, APPLY_SILU: tl.constexpr):  # fmt: skip
+               HAS_AFFINE: tl.constexpr, APPLY_SILU: tl.constexpr):
     """y = silu(((x - pivot) - mean) * rstd * w + b) over pixels [hw_begin, min(hw_end, HW)), in y's dtype."""
     for c_start in range(0, channels_per_group, BLOCK_C):
         cs = c_start + tl.arange(0, BLOCK_C)
@@ -189,7 +189,7 @@ def group_norm_silu_kernel(
         tl.store(stats_ptr + 2 * group, mean)
         tl.store(stats_ptr + 2 * group + 1, rstd)
     _normalise(x_ptr, y_ptr, weight_ptr, bias_ptr, first_channel, pivot, mean, rstd, 0, HW, HW, channels_per_group,
-               stride_hw, stride_c, BLOCK_HW, BLOCK_C, HAS_AFFINE, APPLY_SILU)  # fmt: skip
+               stride_hw, stride_c, BLOCK_HW, BLOCK_C, HAS_AFFINE, APPLY_SILU)
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def group_norm_partial_stats_kernel(
     x_ptr += base
     pivot = tl.load(x_ptr).to(tl.float32)  # the group's pivot, the same in every slice
     count, mean, m2 = _moments(x_ptr, pivot, hw_begin, hw_begin + hw_per_slice, HW, channels_per_group, stride_hw,
-                               stride_c, BLOCK_HW, BLOCK_C)  # fmt: skip
+                               stride_c, BLOCK_HW, BLOCK_C)
     tl.store(partial_ptr + _FIELDS * pid, count)
     tl.store(partial_ptr + _FIELDS * pid + 1, mean)
     tl.store(partial_ptr + _FIELDS * pid + 2, m2)
@@ -256,14 +256,14 @@ def group_norm_silu_apply_kernel(
     for s in range(0, slices):
         count, mean, m2 = _chan_merge(count, mean, m2, tl.load(partial_ptr + _FIELDS * s),
                                       tl.load(partial_ptr + _FIELDS * s + 1),
-                                      tl.load(partial_ptr + _FIELDS * s + 2))  # fmt: skip
+                                      tl.load(partial_ptr + _FIELDS * s + 2))
     rstd = _rstd(count, m2, eps)
     if STORE_STATS:
         if hw_begin == 0:  # the group's first slice
             tl.store(stats_ptr + 2 * group, mean)
             tl.store(stats_ptr + 2 * group + 1, rstd)
     _normalise(x_ptr, y_ptr, weight_ptr, bias_ptr, first_channel, pivot, mean, rstd, hw_begin, hw_begin + hw_per_slice,
-               HW, channels_per_group, stride_hw, stride_c, BLOCK_HW, BLOCK_C, HAS_AFFINE, APPLY_SILU)  # fmt: skip
+               HW, channels_per_group, stride_hw, stride_c, BLOCK_HW, BLOCK_C, HAS_AFFINE, APPLY_SILU)
 
 
 @triton.jit
@@ -398,7 +398,7 @@ def slices_per_group(groups: int, tiles_per_group: int, sm_count: int | None) ->
 
 
 def plan(batch: int, channels: int, hw: int, num_groups: int, element_size: int, channels_last: bool,
-         sm_count: int | None) -> Plan:  # fmt: skip
+         sm_count: int | None) -> Plan:
     """Tiles, alignment and slicing for an (N, C, H*W) input of ``element_size``-byte elements."""
     channels_per_group = channels // num_groups
     block_c, block_hw = _block_config(channels_per_group)
@@ -407,7 +407,7 @@ def plan(batch: int, channels: int, hw: int, num_groups: int, element_size: int,
     hw_per_slice = triton.cdiv(tiles, slices) * block_hw if slices > 1 else hw
     slices = triton.cdiv(hw, hw_per_slice)  # rounding to whole tiles may leave fewer, never an empty slice
     return Plan(block_c, block_hw, group_align(channels_per_group, element_size, channels_last), slices,
-                hw_per_slice if slices > 1 else hw)  # fmt: skip
+                hw_per_slice if slices > 1 else hw)
 
 
 @functools.cache
@@ -432,7 +432,7 @@ class Launch(NamedTuple):
 
 
 def forward_launches(x, y, weight, bias, stats, partials, shape: tuple[int, int, int], num_groups: int, eps: float,
-                     p: Plan, channels_last: bool, has_affine: bool, apply_silu: bool) -> list[Launch]:  # fmt: skip
+                     p: Plan, channels_last: bool, has_affine: bool, apply_silu: bool) -> list[Launch]:
     """The forward's launches for an (N, C, H*W) ``shape``: one kernel, or the split-group pair.
     Tensor arguments may be stand-ins (``aot_specs``); ``stats``/``partials`` None when unused."""
     n, c, hw = shape
@@ -443,7 +443,7 @@ def forward_launches(x, y, weight, bias, stats, partials, shape: tuple[int, int,
     if p.slices == 1:
         return [Launch(group_norm_silu_kernel, (n * num_groups,),
                        dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, stats_ptr=stats, **common, eps=eps,
-                            **tiles, **epilogue))]  # fmt: skip
+                            **tiles, **epilogue))]
     grid = (n * num_groups * p.slices,)
     slicing = dict(hw_per_slice=p.hw_per_slice, slices=p.slices)
     return [
@@ -451,17 +451,17 @@ def forward_launches(x, y, weight, bias, stats, partials, shape: tuple[int, int,
         Launch(group_norm_silu_apply_kernel, grid,
                dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, partial_ptr=partials, stats_ptr=stats, **common,
                     **slicing, eps=eps, **tiles, **epilogue)),
-    ]  # fmt: skip
+    ]
 
 
 def backward_launch(x, dy, dx, weight, bias, stats, partial_w, partial_b, shape: tuple[int, int, int],
-                    num_groups: int, p: Plan, channels_last: bool, has_affine: bool, apply_silu: bool) -> Launch:  # fmt: skip
+                    num_groups: int, p: Plan, channels_last: bool, has_affine: bool, apply_silu: bool) -> Launch:
     n, c, hw = shape
     return Launch(group_norm_silu_backward_kernel, (n * num_groups,),
                   dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, weight_ptr=weight, bias_ptr=bias, stats_ptr=stats,
                        dweight_ptr=partial_w, dbias_ptr=partial_b, HW=hw, channels_per_group=c // num_groups,
                        num_groups=num_groups, BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, GROUP_ALIGN=p.group_align,
-                       CHANNELS_LAST=channels_last, HAS_AFFINE=has_affine, APPLY_SILU=apply_silu))  # fmt: skip
+                       CHANNELS_LAST=channels_last, HAS_AFFINE=has_affine, APPLY_SILU=apply_silu))
 
 
 def _run(launch: Launch) -> None:
@@ -479,7 +479,7 @@ def _affine(x: torch.Tensor, weight, bias) -> tuple[bool, torch.Tensor, torch.Te
         return False, x, x  # never read: HAS_AFFINE is False
     c = x.shape[1]
     return (True, weight.contiguous() if weight is not None else x.new_ones(c),
-            bias.contiguous() if bias is not None else x.new_zeros(c))  # fmt: skip
+            bias.contiguous() if bias is not None else x.new_zeros(c))
 
 
 def group_norm_silu(
@@ -517,7 +517,7 @@ def group_norm_silu(
     if p.slices > 1:
         partials = torch.empty((n * num_groups * p.slices, PARTIAL_FIELDS), dtype=torch.float32, device=x.device)
     for launch in forward_launches(x, y, weight, bias, stats, partials, (n, c, h * w), num_groups, eps, p,
-                                   channels_last, has_affine, apply_silu):  # fmt: skip
+                                   channels_last, has_affine, apply_silu):
         _run(launch)
     return y
 
@@ -546,7 +546,7 @@ def group_norm_silu_backward(
         has_affine, affine_weight, affine_bias = _affine(x, weight, bias)
         p = plan(n, c, h * w, num_groups, x.element_size(), channels_last, sm_count=None)
         _run(backward_launch(x, dy, dx, affine_weight, affine_bias, stats, partial_w, partial_b, (n, c, h * w),
-                             num_groups, p, channels_last, has_affine, apply_silu))  # fmt: skip
+                             num_groups, p, channels_last, has_affine, apply_silu))
     dweight = partial_w.sum(0).to(weight.dtype) if weight is not None else None
     dbias = partial_b.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dweight, dbias
@@ -557,12 +557,12 @@ def group_norm_silu_backward(
 #: (N, C, H*W) the report compiles at 32 groups: the Ho CIFAR-10 UNet's GroupNorms at batch 1 (the
 #: split-group path on a 132-SM H100) and 64 (one program per group).
 AOT_SHAPES = [(batch, c, hw) for batch in (1, 64) for c, hw in
-              ((128, 1024), (256, 256), (384, 256), (512, 64), (256, 16))]  # fmt: skip
+              ((128, 1024), (256, 256), (384, 256), (512, 64), (256, 16))]
 AOT_GROUPS = 32
 AOT_SM_COUNT = 132  # H100 SXM
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 _TILE_LOADS = {"group_norm_silu_kernel": 2, "group_norm_partial_stats_kernel": 1, "group_norm_silu_apply_kernel": 1,
-               "group_norm_silu_backward_kernel": 4}  # fmt: skip
+               "group_norm_silu_backward_kernel": 4}
 
 
 def expected_vector_bytes(p: Plan, hw: int, element_size: int, channels_last: bool) -> int | None:
@@ -599,7 +599,7 @@ def _aot_launches():
         p = plan(n, c, hw, AOT_GROUPS, size, cl, AOT_SM_COUNT)
         vector = expected_vector_bytes(p, hw, size, cl)
         for launch in forward_launches(x, x, x, x, f32 if store_stats else None, f32, (n, c, hw), AOT_GROUPS, 1e-6, p,
-                                       cl, affine, silu):  # fmt: skip
+                                       cl, affine, silu):
             found.append((f"{launch.kernel.__name__.removesuffix('_kernel')}_{tag}", launch, vector))
         if not store_stats:
             p = plan(n, c, hw, AOT_GROUPS, size, cl, sm_count=None)
@@ -618,7 +618,7 @@ def aot_specs():
     specs = {}
     for name, launch, vector in _aot_launches():
         spec = launch_spec(name, launch.kernel, launch.args, NUM_WARPS, NUM_STAGES, vector_load_bytes=vector,
-                           vector_loads=_TILE_LOADS[launch.kernel.__name__])  # fmt: skip
+                           vector_loads=_TILE_LOADS[launch.kernel.__name__])
         key = (launch.kernel.__name__, tuple(spec.signature.items()), repr(spec.constexprs), repr(spec.attrs))
         specs.setdefault(key, spec)
     return list(specs.values())

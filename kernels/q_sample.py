@@ -90,7 +90,7 @@ def q_sample(
         rng if mode == "philox" else t,  # never read unless philox
         x_t, eps, n_per_sample, coefs.shape[0],
         BLOCK=block, NOISE=mode, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )  # fmt: skip
+    )
     return x_t, eps
 
 
@@ -106,12 +106,12 @@ def aot_specs():
     from triton.runtime.jit import MockTensor
 
     ptr = {name: MockTensor(dtype) for name, dtype in
-           (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}  # fmt: skip
+           (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}
     specs = []
     for dtype in ("fp32", "bf16", "fp16"):
         for mode in NOISE_MODES:
             args = dict(x0_ptr=ptr[dtype], t_ptr=ptr["i64"], coefs_ptr=ptr["fp32"], noise_ptr=ptr[dtype],
                         rng_ptr=ptr["i64"], x_t_ptr=ptr[dtype], eps_ptr=ptr[dtype],
-                        n_per_sample=AOT_VALUES_PER_SAMPLE, num_timesteps=AOT_TIMESTEPS, BLOCK=BLOCK, NOISE=mode)  # fmt: skip
+                        n_per_sample=AOT_VALUES_PER_SAMPLE, num_timesteps=AOT_TIMESTEPS, BLOCK=BLOCK, NOISE=mode)
             specs.append(launch_spec(f"q_sample_{dtype}_{mode}", q_sample_kernel, args, NUM_WARPS, NUM_STAGES))
     return specs

@@ -156,7 +156,7 @@ def sampler_step(
         SAMPLE_BASE=mode == "philox" and rng.numel() == 3,
         HISTORY=0 if history is None else history.shape[0],
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )  # fmt: skip
+    )
     return x_prev, x0
 
 
@@ -176,10 +176,10 @@ def aot_specs():
     from triton.runtime.jit import MockTensor
 
     ptr = {name: MockTensor(dtype) for name, dtype in
-           (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}  # fmt: skip
+           (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}
 
     def spec(dtype: str, mode: str, clip: bool, write_x0: bool = True, eps_dtype: str | None = None,
-             sample_base: bool = False, history: int = 0):  # fmt: skip
+             sample_base: bool = False, history: int = 0):
         eps_dtype = eps_dtype or dtype
         args = dict(
             x_ptr=ptr[dtype], eps_ptr=ptr[eps_dtype], noise_ptr=ptr[dtype], rng_ptr=ptr["i64"], step_ptr=ptr["i64"],
@@ -187,7 +187,7 @@ def aot_specs():
             n_per_sample=AOT_VALUES_PER_SAMPLE, history_stride=AOT_BATCH * AOT_VALUES_PER_SAMPLE,
             num_steps=AOT_STEPS, clip_range=1.0, BLOCK=BLOCK, NOISE=mode, CLIP=clip, WRITE_X0=write_x0,
             SAMPLE_BASE=sample_base, HISTORY=history,
-        )  # fmt: skip
+        )
         name = f"sampler_step_{dtype}" + (f"_eps_{eps_dtype}" if eps_dtype != dtype else "") + f"_{mode}"
         name += ("_clip" if clip else "") + ("" if write_x0 else "_no_x0") + ("_sample_base" if sample_base else "")
         name += f"_history{history}" if history else ""
@@ -202,5 +202,5 @@ def aot_specs():
     specs += [
         spec("fp32", mode, clip=False, eps_dtype=eps_dtype, history=history)
         for history in (1, 2) for mode in NOISE_MODES for eps_dtype in ("fp32", "bf16")
-    ]  # fmt: skip
+    ]
     return specs

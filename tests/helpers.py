@@ -82,5 +82,5 @@ def tiny_diffusers_unet(**overrides):
         sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=8,
-    )  # fmt: skip
+    )
     return UNet2DModel(**{**kwargs, **overrides})

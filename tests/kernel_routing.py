@@ -47,7 +47,7 @@ def routed_to(fn, device: torch.device):
         moved = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *kwargs.values()))
         args = [move(a, device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args]
         kwargs = {k: move(v, device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
-                  for k, v in kwargs.items()}  # fmt: skip
+                  for k, v in kwargs.items()}
         result = fn(*args, **kwargs)
         return move(result, torch.device("cpu")) if moved else result
 

@@ -32,7 +32,7 @@ def sample_command(out: Path, num_images: int, processes: int) -> list[str]:
         launcher = [sys.executable]
     return launcher + ["-m", "fastdiff.cli", "sample", "--sampler", "ddim", "--steps", "50", "--seed", "0",
                        "--num-images", str(num_images), "--shard-size", "100", "--merge", "--no-progress",
-                       "--out", str(out)]  # fmt: skip
+                       "--out", str(out)]
 
 
 def load() -> list[float]:
@@ -92,7 +92,7 @@ def frechet_to_heldout(out: Path) -> dict:
     return {"fd_samples_heldout": frechet_distance(f_samples, f_heldout),
             "fd_train_heldout": frechet_distance(features.features(train), f_heldout),
             "num_samples": len(images), "num_heldout": len(heldout), "classifier_heldout_accuracy": features.heldout_accuracy,
-            "label_histogram_samples": features.label_histogram(images)}  # fmt: skip
+            "label_histogram_samples": features.label_histogram(images)}
 
 
 def corrupted_run(out: Path, log: Path) -> dict:
@@ -106,7 +106,7 @@ def corrupted_run(out: Path, log: Path) -> dict:
     result = run(sample_command(out, 10_000, 2), log)
     after = json.loads((out / "manifest.json").read_text())["images_sha256_of_shards"]
     return {"damaged": ["shards/00042/0004217.png: one byte flipped", "shards/00077/images.npz: deleted"],
-            "set_checksum_unchanged_after_redo": before == after, **result}  # fmt: skip
+            "set_checksum_unchanged_after_redo": before == after, **result}
 
 
 def main() -> None:
@@ -135,7 +135,7 @@ def main() -> None:
         results["manifest"] = {"settings": manifest["settings"], "num_shards": manifest["num_shards"],
                                "world_size": manifest["world_size"], "finished_utc": manifest["finished_utc"],
                                "images_sha256_of_shards": manifest["images_sha256_of_shards"],
-                               "first_shard": manifest["shards"][0]}  # fmt: skip
+                               "first_shard": manifest["shards"][0]}
         save()
     if "fidelity" in phases:
         results["fidelity"] = frechet_to_heldout(big)
@@ -143,7 +143,7 @@ def main() -> None:
     if "compare" in phases:
         # torchrun gives each of its processes one thread; one process alone takes torch's default.
         configs = (("1_process_1_thread", 1, {"OMP_NUM_THREADS": "1"}),
-                   ("1_process_default_threads", 1, {}), ("2_processes", 2, {}))  # fmt: skip
+                   ("1_process_default_threads", 1, {}), ("2_processes", 2, {}))
         for name, processes, env in [c for c in configs if c[0] in args.compare.split(",")]:
             out = args.work / f"compare_{name}"
             shutil.rmtree(out, ignore_errors=True)

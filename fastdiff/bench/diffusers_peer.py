@@ -4,7 +4,7 @@ unmodified ``DDPMPipeline`` / ``DDIMPipeline``.
 Both models are Ho et al.'s architecture, so the conversion is a renaming plus one split (our
 fused 1x1 ``qkv`` conv becomes diffusers' ``to_q``/``to_k``/``to_v`` linears). The pipelines
 draw their noise with ``randn_tensor``; :func:`replayed_noise` substitutes a replay of the run's
-shared :class:`~fastdiff.sampling.reference.ExternalNoise` so every path denoises the same noise.
+shared :class:`~fastdiff.sampling.ExternalNoise` so every path denoises the same noise.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The execution paths the bench compares, each built lazily so a missing piece skips one path.
 
-Every path maps the run's :class:`~fastdiff.sampling.reference.ExternalNoise` (and class labels) to
+Every path maps the run's :class:`~fastdiff.sampling.ExternalNoise` (and class labels) to
 images in [0, 1] -- the form diffusers' pipelines return -- so all paths are compared on the
 same noise and the same scale.
 """
@@ -51,7 +51,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def build_path(name: str, ctx: BenchContext) -> BenchPath:
     builders = {"reference": _reference, "compile": _compiled, "fastdiff": _fastdiff, "diffusers": _diffusers,
-                "openvino": _openvino}  # fmt: skip
+                "openvino": _openvino}
     return builders[name](ctx)
 
 

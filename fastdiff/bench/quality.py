@@ -84,11 +84,11 @@ def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEE
         record = {"sampler": sampler, "steps": steps, "model_calls": table.num_steps, "images": images,
                   "seconds": seconds, "cpu_seconds": cpu_seconds, "chunk": chunk, "seed": seed, "torch_threads": torch.get_num_threads(),
                   "load_before": load_before, "load_after": os.getloadavg(),
-                  "path": "fastdiff.sampling.reference.sample_reference (eager PyTorch, float32, CPU)"}  # fmt: skip
+                  "path": "fastdiff.sampling.reference.sample_reference (eager PyTorch, float32, CPU)"}
         atomic_write(path, lambda tmp: torch.save(record, tmp))
         if progress:
             print(f"{set_name(sampler, steps)}: {num_samples} images in {seconds:.1f} s "
-                  f"(load {load_before[0]:.1f} -> {record['load_after'][0]:.1f})", flush=True)  # fmt: skip
+                  f"(load {load_before[0]:.1f} -> {record['load_after'][0]:.1f})", flush=True)
 
 
 def _first_noise(table, shape, num_samples: int, chunk: int, seed: int):
@@ -100,7 +100,7 @@ def _first_noise(table, shape, num_samples: int, chunk: int, seed: int):
 
 
 def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100, repeats: int = 5,
-                    sweep=SWEEP, sampler_options: dict | None = None) -> dict:  # fmt: skip
+                    sweep=SWEEP, sampler_options: dict | None = None) -> dict:
     """Time, in one process, the reference DDPM-1000 sampler (the anchor: eager fp32) and
     fastdiff's accelerated Sampler running ``sampler``-``steps`` on the first ``num_samples``
     images of the cached sets, and check each against its set (the scored images). The Sampler's
@@ -149,7 +149,7 @@ def measure_speedup(out: Path, sampler: str, steps: int, num_samples: int = 100,
                         "warmup_seconds": warmup_seconds, "seconds": seconds, "seconds_all": times,
                         "images_per_s": num_samples / seconds, "max_abs_vs_set": max_abs(images, sets[fast_name])},
         "speedup": anchor_seconds / seconds,
-    }  # fmt: skip
+    }
     text = json.dumps(result, indent=2) + "\n"
     atomic_write(out / "speedup.json", lambda tmp: tmp.write_text(text))
     return result
@@ -196,7 +196,7 @@ def pareto_front(rows: list[dict]) -> list[str]:
             o["images_per_s"] >= row["images_per_s"] and o["fd_heldout"] <= row["fd_heldout"]
             and (o["images_per_s"] > row["images_per_s"] or o["fd_heldout"] < row["fd_heldout"])
             for o in rows
-        )  # fmt: skip
+        )
         if not dominated:
             front.append(row["name"])
     return front
@@ -237,7 +237,7 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
             "speedup_vs_anchor": anchor_seconds / rec["seconds"], "load_before": rec["load_before"][0],
             "load_after": rec["load_after"][0], "label_histogram": features.label_histogram(rec["scored"]),
             "note": rec.get("note", ""),
-        })  # fmt: skip
+        })
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["name"] in front
@@ -255,7 +255,7 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
         "feature_space": f"hidden layer of a digits MLP (held-out accuracy {features.heldout_accuracy:.3f})",
         "heldout_real": int(heldout.shape[0]),
         "anchor": {"name": anchor, "fd_heldout": anchor_fd, "band": list(band), "bootstraps": BOOTSTRAPS,
-                     "quantile": NOISE_QUANTILE},  # fmt: skip
+                     "quantile": NOISE_QUANTILE},
         "missing": [set_name(s, k) for s, k in sweep if set_name(s, k) not in records],
         "headline": None if best is None else {
             "sampler": best["name"], "solver": best["sampler"], "steps": best["steps"],
@@ -265,7 +265,7 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
             "measured": read_speedup(out, best["name"]),
         },
         "rows": rows,
-    }  # fmt: skip
+    }
 
 
 def render_markdown(report: dict) -> str:
@@ -303,7 +303,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Fewest DPM-Solver++ model calls within {name}'s band: **{head['sampler']}** "
                       f"({head['model_calls']} calls, FD {head['fd_heldout']:.3f}): "
                       f"{head['model_call_ratio']:.0f}x fewer model calls than {name}; wall-clock speedup of "
-                      f"the sets as drawn above {head['speedup_vs_anchor']:.1f}x."]  # fmt: skip
+                      f"the sets as drawn above {head['speedup_vs_anchor']:.1f}x."]
         if head["measured"]:
             lines += ["", render_speedup(head["measured"])]
     return "\n".join(lines) + "\n"
@@ -337,7 +337,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.plot([r["images_per_s"] for r in rows], [r["fd_heldout"] for r in rows], marker="o", label=family)
         for r in rows:
             ax.annotate(str(r["steps"]), (r["images_per_s"], r["fd_heldout"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                        xytext=(3, 3), textcoords="offset points")
     front = sorted((r for r in report["rows"] if r["pareto"]), key=lambda r: r["images_per_s"])
     ax.plot([r["images_per_s"] for r in front], [r["fd_heldout"] for r in front], "k--", lw=1, label="Pareto front")
     low, high = report["anchor"]["band"]

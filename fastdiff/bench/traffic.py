@@ -93,7 +93,7 @@ def _kernels_of(nodes) -> list[Kernel]:
         copy = not extern and bool(bodies) and all(body.is_memory_copy() for body in bodies)
         name = str(getattr(node.node, "python_kernel_name", None) or type(node.node).__name__) if extern else "fused"
         kernels.append(Kernel("copy" if copy else name, int(node.get_read_write_buffers_sizes()),
-                              int(node.estimate_flops() or 0), copy))  # fmt: skip
+                              int(node.estimate_flops() or 0), copy))
     return kernels
 
 
@@ -114,7 +114,7 @@ def _capture_schedule(found: list):
 
 
 def step_traffic(model: torch.nn.Module, route: str, batch: int, dtype: torch.dtype = torch.bfloat16,
-                 image_shape: tuple[int, int, int] | None = None, channels_last: bool | None = None) -> Traffic:  # fmt: skip
+                 image_shape: tuple[int, int, int] | None = None, channels_last: bool | None = None) -> Traffic:
     """The kernels of one sampling step of ``model`` (fp32 weights, CPU) on ``route``. The model
     runs in ``channels_last`` (default: as the route runs it on CUDA -- fastdiff's Sampler in
     channels_last, a plain ``torch.compile`` user's model as it is, NCHW).
@@ -138,7 +138,7 @@ def step_traffic(model: torch.nn.Module, route: str, batch: int, dtype: torch.dt
     kernel_route = backend.cpu_tensors_take_the_kernel_route() if fused else contextlib.nullcontext()
     options = {"freezing": True, "force_layout_optimization": True}
     with torch.no_grad(), torch._inductor.config.patch(options), torch.backends.mkldnn.flags(enabled=False), \
-            kernel_route, _capture_schedule(found), contextlib.suppress(_Scheduled):  # fmt: skip
+            kernel_route, _capture_schedule(found), contextlib.suppress(_Scheduled):
         try:
             compiled(x, index, torch.zeros_like(x))
         except Exception as e:  # dynamo wraps what the backend raised
@@ -160,10 +160,10 @@ def _caused_by(error: BaseException, kind: type) -> bool:
 
 def format_table(results: list[Traffic], dtype: torch.dtype) -> str:
     lines = ["| route | batch | kernels | copies | MB / step | non-conv MB / step | GFLOP / step "
-             "| H100 ms / step (roofline model) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| H100 ms / step (roofline model) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.route} | {r.batch} | {len(r.kernels)} | {r.copies} | {r.bytes / 1e6:,.1f} "
-                     f"| {r.non_conv_bytes / 1e6:,.1f} | {r.flops / 1e9:,.1f} | {r.h100_ms(dtype):.3f} |")  # fmt: skip
+                     f"| {r.non_conv_bytes / 1e6:,.1f} | {r.flops / 1e9:,.1f} | {r.h100_ms(dtype):.3f} |")
     return "\n".join(lines)
 
 

@@ -118,16 +118,15 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
         "--threads", type=positive_int,
         help="torch CPU threads (default: the cores not busy with other work -- this machine's cores "
              "less its 1-minute load average, at least 1)",
-    )  # fmt: skip
+    )
 
 
 def default_threads() -> int:
     """The cores left idle by other work: usable cores less the 1-minute load, rounded, >= 1.
 
-    Measured on a 2-core machine loaded by other processes (load 7-9): torch's default of
-    2 threads took 53-94 s for the default ``fastdiff sample``, 1 thread 6 s -- OpenMP threads
-    spin-wait at every parallel region for a core another process holds. On an idle machine
-    this is every core."""
+    More threads than idle cores is many times slower (README, "Limitations": threads): OpenMP
+    threads spin-wait at every parallel region for a core another process holds. On an idle
+    machine this is every core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, math.floor(cores - os.getloadavg()[0] + 0.5)))
 
@@ -144,4 +143,4 @@ def apply_threads(requested: int | None, processes: int = 1) -> str:
         return f"{threads} (--threads)"
     shared = f"; shared by {processes} processes" if processes > 1 else ""
     return (f"{threads} (of {os.cpu_count()} cores; 1-minute load {os.getloadavg()[0]:.1f}{shared}; "
-            "--threads to choose)")  # fmt: skip
+            "--threads to choose)")

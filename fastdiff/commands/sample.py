@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", choices=PRESETS, help="sample a random-init model of this preset instead")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                         help="ddpm, ddim, or DPM-Solver++ multistep of order 2/3, deterministic or SDE "
-                             "(default: %(default)s)")  # fmt: skip
+                             "(default: %(default)s)")
     parser.add_argument(
         "--steps", type=positive_int,
         help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++*, T for ddpm)",
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     path_name, warmup, sample = build_sampler(
         model, table, device, progress=not args.no_progress,
         accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None,
-    )  # fmt: skip
+    )
 
     print(f"model:   {info.description}")
     print(f"path:    {path_name} on {device}")
@@ -166,7 +166,7 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     model, info, table = load_model_and_table(args, device)
     try:  # before sampling: a shard that cannot fit is refused with a hint
         check_fits(info.config, args.shard_size, sum(p.numel() for p in model.parameters()), device,
-                   flag="--shard-size", processes=sharing)  # fmt: skip
+                   flag="--shard-size", processes=sharing)
     except MemoryError as e:
         raise UsageError(f"--shard-size {args.shard_size}: {e}") from None
     say(f"model:   {info.description}")
@@ -178,7 +178,7 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
             model, table, args.out, args.num_images, device=device, shard_size=args.shard_size, seed=args.seed,
             accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, merge=args.merge,
             progress=not args.no_progress, world=world,
-        )  # fmt: skip
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     rate = result.images_sampled / result.seconds if result.seconds else 0.0
@@ -207,7 +207,7 @@ def build_sampler(model, table, device: str, progress: bool = True, accelerated_
         def warmup(shape, class_labels):
             what = "compiling" + (" and capturing" if sampler.cuda_graphs else "") if sampler.compiled else "preparing"
             print(f"warm-up: {what} the sampling step for batch {shape[0]} (once per shape; "
-                  "about a minute on a 2-core CPU) ...", flush=True)  # fmt: skip
+                  "about a minute on a 2-core CPU) ...", flush=True)
             seconds = sampler.warmup(shape[0], class_labels)
             print(f"warm-up: {seconds:.2f} s (compile{' + CUDA graph capture' if sampler.cuda_graphs else ''})")
 

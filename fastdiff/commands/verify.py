@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sampler: {table.method}, {table.num_steps} steps, clip {table.clip}, batch {args.batch}, seed {args.seed}")
     start = time.perf_counter()
     reference = sample_reference(model, table, noise=noise, class_labels=labels, device=device,
-                                 progress=not args.no_progress)  # fmt: skip
+                                 progress=not args.no_progress)
     print(f"reference (eager fp32): {time.perf_counter() - start:.1f} s")
     truth = fp64_trajectory(model, table, noise, labels) if args.fp64 else None
     if truth is not None:
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         ok = max_abs <= FP32_MAX_ABS if dtype == torch.float32 else db >= HALF_MIN_PSNR_DB
         bar = f"max abs <= {FP32_MAX_ABS:g}" if dtype == torch.float32 else f"PSNR >= {HALF_MIN_PSNR_DB:g} dB"
         print(f"{name:>9}: max abs {max_abs:.3e}, PSNR {db:.2f} dB -> {'PASS' if ok else 'bar not met'} ({bar}); "
-              f"warm-up {warmup:.1f} s, sampling {seconds:.1f} s")  # fmt: skip
+              f"warm-up {warmup:.1f} s, sampling {seconds:.1f} s")
         if not ok:  # is it the sampler, or a trajectory that amplifies any rounding? Ask float64.
             truth = truth if truth is not None else fp64_trajectory(model, table, noise, labels)
             ok = _within_2x_of_pytorch(out, reference, truth, model, table, noise, labels, dtype, device)
@@ -169,7 +169,7 @@ def _within_2x_of_pytorch(out, reference, truth, model, table, noise, labels, dt
         print(f"           the fp32 reference itself is {pytorch_error:.3e} (max abs) from float64: this trajectory "
               f"amplifies rounding (deterministic DDIM or an untrained model is chaotic), so 1e-4 measures rounding "
               f"noise; fastdiff is {our_error:.3e} from float64 -> {'PASS' if ok else 'FAIL'} (2x rule: <= "
-              f"{2 * pytorch_error:.3e})")  # fmt: skip
+              f"{2 * pytorch_error:.3e})")
         return ok
     pytorch_half = CastIO(copy.deepcopy(model).to(dtype), dtype).eval()
     pytorch_out = sample_reference(pytorch_half, table, noise=noise, class_labels=labels, device=device)
@@ -178,7 +178,7 @@ def _within_2x_of_pytorch(out, reference, truth, model, table, noise, labels, dt
     print(f"           plain PyTorch in {name} (eager) is itself at {pytorch_db:.2f} dB PSNR from float64: this "
           f"trajectory amplifies {name} rounding (deterministic DDIM or an untrained model is chaotic), so the "
           f"{HALF_MIN_PSNR_DB:g} dB bar cannot hold for any {name} path; fastdiff is at {our_db:.2f} dB -> "
-          f"{'PASS' if ok else 'FAIL'} (2x rule: >= {pytorch_db - 20 * math.log10(2):.2f} dB)")  # fmt: skip
+          f"{'PASS' if ok else 'FAIL'} (2x rule: >= {pytorch_db - 20 * math.log10(2):.2f} dB)")
     return ok
 
 

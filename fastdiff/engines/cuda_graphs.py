@@ -89,7 +89,7 @@ class CapturedStep:
         self.step_index.add_(1)
 
     def run(self, x_T: torch.Tensor, num_steps: int, z: torch.Tensor | None = None, rng: torch.Tensor | None = None,
-            class_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Replay ``num_steps`` steps from ``x_T``; every argument already on the device.
         ``z``: (num_steps, B, C, H, W) in given mode; ``rng``: [seed, offset] in Philox mode."""
         with backend.on_device(self.device):

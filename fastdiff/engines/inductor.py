@@ -7,11 +7,11 @@ cannot go through ``torch.compile(options=...)``: dynamo reads ``freezing`` whil
 freezing silently does nothing (checked: the generated code then takes the weights as inputs).
 Tracing and compiling happen inside the first call (and any recompile), hence the patch there.
 
-CPU (``{"freezing": True}``): measured here, inductor without freezing is no faster than eager
-on the UNet (convolutions go to oneDNN either way); with freezing the weights become constants,
-so oneDNN gets pre-packed weights and bf16 reaches ~1.8x the fp32 eager forward. Freezing only
-applies when the compiled call runs under ``torch.no_grad()``, and the weights are read at
-compile time: change them and a new compile is needed.
+CPU (``{"freezing": True}``): without freezing inductor is no faster than eager on the UNet
+(convolutions go to oneDNN either way); with freezing the weights become constants, so oneDNN
+gets pre-packed weights (speed: README, "Results"). Freezing only applies when the compiled
+call runs under ``torch.no_grad()``, and the weights are read at compile time: change them and
+a new compile is needed.
 
 CUDA (``max_autotune`` + ``coordinate_descent_tuning`` + freezing, ``triton.cudagraphs`` off):
 what ``mode="max-autotune-no-cudagraphs"`` sets, plus freezing (conv layout and weight

@@ -3,7 +3,7 @@
 The estimate is deliberately simple and on the safe side: the weights, plus per image the
 UNet's kept skip connections, a working set of a few of its largest feature maps, the
 attention scores at the attention resolutions, and the sampler's own per-step tensors (x_t,
-eps, x0, z, x_prev). Noise is drawn a step at a time (:func:`fastdiff.sampling.reference.draw_noise`),
+eps, x0, z, x_prev). Noise is drawn a step at a time (:func:`fastdiff.sampling.draw_noise`),
 so the number of steps does not enter it. Scaled by :data:`SAFETY` from measured peaks.
 """
 from __future__ import annotations

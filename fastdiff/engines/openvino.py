@@ -1,9 +1,7 @@
 """OpenVINO as the CPU engine of :class:`fastdiff.Sampler`'s model (optional: ``pip install fastdiff[cpu]``).
 
-Measured on this project's 2-core AVX-512-BF16 CPU (the CIFAR-10 UNet, one forward, batch 1,
-one thread): OpenVINO with bf16 inference precision ran ~2.2x the fp32 eager forward, where
-torch.compile (inductor, freezing, bf16, channels_last) reached ~1.7x. So on a CPU in bf16 the
-sampler runs the *model* through OpenVINO; the step maths stay in PyTorch float32
+On a CPU in bf16 OpenVINO runs the UNet faster than torch.compile does (README, "Results"), so
+there the sampler runs the *model* through OpenVINO; the step maths stay in PyTorch float32
 (``fastdiff.ops.sampler_step``), as on every other path.
 
 What is converted is the plain model (``ov.convert_model`` traces it: fastdiff's custom ops do

@@ -31,7 +31,7 @@ REFERENCE = "reference"  # fastdiff.ops.reference.attention, eager PyTorch
 def flash_takes(dtype: torch.dtype, head_dim: int, last_dims_contiguous: bool, capability: tuple[int, int]) -> bool:
     """Whether SDPA's FlashAttention-2 backend takes a call (PyTorch's own conditions, stated once)."""
     return (dtype in SDPA_FLASH_DTYPES and head_dim <= SDPA_FLASH_MAX_HEAD_DIM and head_dim % 8 == 0
-            and last_dims_contiguous and capability >= (8, 0))  # fmt: skip
+            and last_dims_contiguous and capability >= (8, 0))
 
 
 def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
@@ -40,7 +40,7 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if path == "reference":
         return REFERENCE
     if path == "triton" and flash_takes(q.dtype, q.shape[-1], all(t.stride(-1) == 1 for t in (q, k, v)),
-                                        torch.cuda.get_device_capability(q.device)):  # fmt: skip
+                                        torch.cuda.get_device_capability(q.device)):
         return SDPA_FLASH
     return KERNEL
 

@@ -120,7 +120,7 @@ def _(x, grad, weight, bias, stats, num_groups, eps, apply_silu):
     channels = x.shape[1]
     return (torch.empty_like(x, memory_format=output_memory_format(x)),
             x.new_empty(channels, dtype=weight.dtype if weight is not None else x.dtype),
-            x.new_empty(channels, dtype=bias.dtype if bias is not None else x.dtype))  # fmt: skip
+            x.new_empty(channels, dtype=bias.dtype if bias is not None else x.dtype))
 
 
 def _grad_or_zeros(grad, x) -> torch.Tensor:

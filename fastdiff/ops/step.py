@@ -92,7 +92,7 @@ def _check_history(history, size: int, x_t) -> None:
         return
     if history is None:
         raise ValueError(f"history is required: coefs has {size} history column(s); pass a zeroed "
-                         f"({size}, {', '.join(map(str, x_t.shape))}) buffer")  # fmt: skip
+                         f"({size}, {', '.join(map(str, x_t.shape))}) buffer")
     check_tensor("history", history)
     if history.shape != (size, *x_t.shape):
         raise ValueError(

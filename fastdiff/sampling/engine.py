@@ -53,7 +53,7 @@ class PreparedSteps:
 
     def __init__(self, eager: DenoiseStep, eps_model: torch.nn.Module, table: StepTable, engine: str,
                  device: torch.device, dtype: torch.dtype, autotune: bool, cuda_graphs: bool,
-                 compile_mode, graphs_mode, note: Callable[[str, bool], None]):  # fmt: skip
+                 compile_mode, graphs_mode, note: Callable[[str, bool], None]):
         self.eager, self.engine, self.device, self.dtype, self.table = eager, engine, device, dtype, table
         self.compile_mode, self.graphs_mode, self._note = compile_mode, graphs_mode, note
         self.compiled = None  # the step the engine runs: compiled per key on first use
@@ -70,7 +70,7 @@ class PreparedSteps:
 
     def key(self, x_t: torch.Tensor, class_labels, noise_mode: str) -> GraphKey:
         return GraphKey(x_t.shape[0], tuple(x_t.shape[1:]), self.dtype, class_labels is not None, noise_mode,
-                        self.table.history_size)  # fmt: skip
+                        self.table.history_size)
 
     def uses_compile(self, key: GraphKey) -> bool:
         return self.compiled is not None and key not in self.eager_keys
@@ -107,11 +107,11 @@ class PreparedSteps:
             if self.uses_compile(key) and self.compile_mode == AUTO:
                 self._fallback(f"{ENGINE_NAMES[self.engine]} failed for {key} ({failure}); that shape runs the "
                                "accelerated model eagerly (much slower), shapes compiled before keep their compiled "
-                               "code")  # fmt: skip
+                               "code")
                 self.eager_keys.add(key)
             elif self.graphed(key) and self.graphs_mode == AUTO:
                 self._fallback(f"CUDA graph capture failed for {key} ({failure}); that shape runs the step loop "
-                               "without a graph, shapes captured before keep their graphs")  # fmt: skip
+                               "without a graph, shapes captured before keep their graphs")
                 self.ungraphed_keys.add(key)
             else:
                 raise

@@ -23,7 +23,7 @@ class ExternalNoise:
     """
 
     def __init__(self, x_T: torch.Tensor, z: torch.Tensor | None = None, *, _stream: _NoiseStream | None = None,
-                 _device=None, _dtype: torch.dtype | None = None):  # fmt: skip
+                 _device=None, _dtype: torch.dtype | None = None):
         if not isinstance(x_T, torch.Tensor) or x_T.dim() != 4:
             raise ValueError(f"noise.x_T must be (B, C, H, W), got {_shape_text(x_T)}")
         if (z is None) == (_stream is None):
@@ -67,7 +67,7 @@ class ExternalNoise:
         if self._z is not None:
             return ExternalNoise(x_T, self._z.to(device=device, dtype=dtype))
         return ExternalNoise(x_T, _stream=self._stream, _device=device if device is not None else self._device,
-                             _dtype=dtype if dtype is not None else self._dtype)  # fmt: skip
+                             _dtype=dtype if dtype is not None else self._dtype)
 
 
 class _PerStep:

@@ -30,7 +30,7 @@ def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module
         schedule = getattr(model, SCHEDULE_ATTRIBUTE, None) or linear_schedule()
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError("schedule must be a diffusers DDPMScheduler/DDIMScheduler, a NoiseSchedule, a StepTable "
-                        f"or None, got {type(schedule).__name__}")  # fmt: skip
+                        f"or None, got {type(schedule).__name__}")
     method = method or "ddpm"
     if order is not None and not method.endswith("dpmsolver++"):
         raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")

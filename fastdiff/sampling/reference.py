@@ -68,12 +68,12 @@ def sample_reference(
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise ValueError(f"model must return eps shaped like x {tuple(x.shape)}, got {got}")
         x_prev, _ = reference.sampler_step(x, eps, step_index, table.coefs, noise=z, clip_range=table.clip,
-                                           history=history)  # fmt: skip
+                                           history=history)
         return x_prev
 
     with _eval_mode(model), backend.exact_fp32():
         x = run_steps(table, noise.x_T, step, noise.step_noise, progress,
-                      on_step=None if trajectory is None else trajectory.append)  # fmt: skip
+                      on_step=None if trajectory is None else trajectory.append)
     if trajectory is not None:
         return x, torch.stack(trajectory)
     return x

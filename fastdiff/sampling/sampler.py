@@ -112,7 +112,7 @@ class Sampler:
         if schedule is None and types.is_unet(model) and getattr(model, SCHEDULE_ATTRIBUTE, None) is None:
             self._note("no schedule given for a diffusers UNet: sampling with a linear schedule, T = 1000, "
                        "leading spacing, no clipping; pass schedule=<the pipeline's DDPMScheduler/DDIMScheduler> "
-                       "to sample as that pipeline does")  # fmt: skip
+                       "to sample as that pipeline does")
         self.table = make_table(schedule, method, steps, eta, order, model).to(self.device)
         self.image_shape = tuple(image_shape) if image_shape is not None else placement.image_shape(model)
         self.class_conditioned = placement.class_conditioned(model)
@@ -138,7 +138,7 @@ class Sampler:
         self._steps = PreparedSteps(
             DenoiseStep(fast, self.table, dtype, self.channels_last), eps_model, self.table, self.engine,
             self.device, dtype, autotune, self.cuda_graphs, compile, cuda_graphs, self._note,
-        )  # fmt: skip
+        )
         #: attention routes the model's calls took (fastdiff.ops.attention.recording_routes)
         self._attention_routes: set[str] = set()
 
@@ -146,7 +146,7 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, batch: int | None = None, seed: int = 0, noise: ExternalNoise | None = None,
-               class_labels: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+               class_labels: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Samples (B, C, H, W) float32 from ``noise`` (external noise mode) or ``batch`` + ``seed``."""
         x_T, z, rng = self._noise(batch, seed, noise)
         class_labels = self._labels(class_labels, x_T.shape[0])
@@ -184,7 +184,7 @@ class Sampler:
         if self.engine == "openvino":
             parts = [f"model run by OpenVINO {openvino.version()} on the CPU ({PRECISIONS[self.dtype]} "
                      "inference precision, a static-shape compile per batch, split into up to "
-                     f"{self._steps.compiled.model.threads} parallel one-thread streams where it divides evenly)"]  # fmt: skip
+                     f"{self._steps.compiled.model.threads} parallel one-thread streams where it divides evenly)"]
         else:
             parts = [f"accelerated model ({_replaced_summary(self.report)}; ops: {self.kernels})"]
         if self.engine == "inductor":
@@ -229,7 +229,7 @@ class Sampler:
         """(x_T, z or None, rng or None) on the device, x_T and z float32."""
         if noise is not None:
             if not isinstance(noise, ExternalNoise):
-                raise TypeError(f"noise must be a fastdiff.sampling.reference.ExternalNoise, got {type(noise).__name__}")
+                raise TypeError(f"noise must be a fastdiff.sampling.ExternalNoise, got {type(noise).__name__}")
             if batch is not None and batch != noise.x_T.shape[0]:
                 raise ValueError(f"batch {batch} does not match noise.x_T batch {noise.x_T.shape[0]}")
             if noise.num_steps != self.table.num_steps:

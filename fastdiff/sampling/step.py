@@ -36,7 +36,7 @@ class DenoiseStep(nn.Module):
         x_in = x_t.to(dtype=self.model_dtype, memory_format=self.memory_format)
         eps = self.model(x_in, t) if class_labels is None else self.model(x_in, t, class_labels)
         x_prev, _ = ops.sampler_step(x_t, eps, step_index, self.coefs, noise=noise, rng=rng, clip_range=self.clip,
-                                     history=history)  # fmt: skip
+                                     history=history)
         return x_prev
 
 

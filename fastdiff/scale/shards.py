@@ -60,7 +60,7 @@ X_T_WORD = 0xFFFFFFFF
 NOISE_SCHEME = "philox4x32-10: x_T = (seed; element, image, 0xFFFFFFFF, 0), z_s = (seed; element, image, 0, s)"
 RUN_FILE, MANIFEST_FILE, SHARDS_DIR, SHARD_FILE, SHARD_NPZ, MERGED_NPZ = (
     "run.json", "manifest.json", "shards", "shard.json", "images.npz", "images.npz",
-)  # fmt: skip
+)
 #: Test hook: the process that writes this shard dies (exit 137) after writing its temporary
 #: folder and before renaming it into place, as a rank killed mid-write would.
 KILL_ENV = "FASTDIFF_TEST_KILL_AT_SHARD"
@@ -142,14 +142,14 @@ def table_hash(table: StepTable) -> str:
 
 
 def run_settings(plan: ShardPlan, table: StepTable, seed: int, image_shape, model_sha256: str,
-                 num_classes: int | None, path: str) -> dict:  # fmt: skip
+                 num_classes: int | None, path: str) -> dict:
     """Everything that decides the images; a resumed run must match it exactly."""
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "num_images": plan.num_images, "shard_size": plan.shard_size,
         "seed": seed, "sampler": table.method, "steps": table.num_steps, "table_sha256": table_hash(table),
         "image_shape": list(image_shape), "num_classes": num_classes or 0, "model_sha256": model_sha256,
         "path": path, "noise": NOISE_SCHEME,
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- running
@@ -266,7 +266,7 @@ def load_images(out) -> np.ndarray:
 def sample_model(
     model: torch.nn.Module, table: StepTable, out, num_images: int, *, device="cpu",
     accelerated_dtype: torch.dtype | None = None, **options,
-) -> ShardRunResult:  # fmt: skip
+) -> ShardRunResult:
     """:func:`sample_shards` for a fastdiff ``UNet``: the eager reference sampler, or with
     ``accelerated_dtype`` the accelerated :class:`fastdiff.Sampler`, each shard from its
     per-image noise. ``options``: those of :func:`sample_shards`."""
@@ -285,7 +285,7 @@ def sample_model(
             return sampler.sample(noise=noise, class_labels=class_labels)
 
     return sample_shards(sample, table, out, num_images, image_shape, model_hash(model),
-                         num_classes=config.num_classes, path=path, **options)  # fmt: skip
+                         num_classes=config.num_classes, path=path, **options)
 
 
 # ---------------------------------------------------------------- internals
@@ -367,7 +367,7 @@ def _write_shard(shards_dir: Path, shard: int, start: int, images: torch.Tensor,
             "shard": shard, "folder": _shard_name(shard), "start": start, "stop": stop, "settings_sha256": settings_sha,
             "images_sha256": _array_sha(array), "npz_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
             "png_sha256": _png_digest(tmp, start, stop),
-        }  # fmt: skip
+        }
         (tmp / SHARD_FILE).write_text(json.dumps(entry, indent=2) + "\n")
         if os.environ.get(KILL_ENV) == str(shard):
             os._exit(137)
@@ -417,7 +417,7 @@ def _finish(out: Path, plan: ShardPlan, settings: dict, settings_sha: str, world
         "settings": settings, "shards": entries, "num_shards": plan.num_shards,
         "images_sha256_of_shards": set_digest, "world_size": world.size,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+    }
     if merge:
         save_npz(_concatenate_shards(out, entries), out / MERGED_NPZ)
         manifest["merged_npz"] = MERGED_NPZ
@@ -469,4 +469,4 @@ class _ProgressBar:
 __all__ = [
     "image_noise", "class_labels_for", "ShardPlan", "model_hash", "table_hash", "run_settings", "sample_shards",
     "verify_shard", "load_images", "sample_model", "ShardRunResult", "X_T_WORD",
-]  # fmt: skip
+]

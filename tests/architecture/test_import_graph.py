@@ -124,7 +124,7 @@ def test_imports_go_to_earlier_layers_only():
         f"{name} ({LAYERS[layer_of(name)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
         for name in sorted(GRAPH) if name != "fastdiff"
         for target in sorted(GRAPH[name]) if target != "fastdiff" and layer_of(target) > layer_of(name)
-    ]  # fmt: skip
+    ]
     assert back_edges == []
 
 

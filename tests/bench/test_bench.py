@@ -249,7 +249,7 @@ def test_readme_section_is_rebuilt_from_the_results_folder(quick_run, tmp_path):
 def test_fastdiff_label_names_the_attention_routes():
     described = {"compiled": True, "kernels": "triton", "cuda_graphs": True, "dtype": "bfloat16",
                  "attention": ["sdpa-flash (D=256, bfloat16)", "fastdiff-kernel (D=512, bfloat16)",
-                               "sdpa-flash (D=64, bfloat16)"]}  # fmt: skip
+                               "sdpa-flash (D=64, bfloat16)"]}
     label = paths.fastdiff_label(described)
     assert label == ("fastdiff Sampler (compiled, ops: triton, CUDA graphs, attention: fastdiff-kernel+sdpa-flash, "
                      "bfloat16)")

@@ -65,7 +65,7 @@ def test_pareto_front():
 
 def test_headline_speedup_is_measured_on_the_scored_images(drawn):
     result = quality.measure_speedup(drawn, "dpm++2m", 3, num_samples=4, repeats=2, sweep=SWEEP,
-                                     sampler_options={"compile": False})  # fmt: skip
+                                     sampler_options={"compile": False})
     assert result["anchor"]["name"] == "ddpm-4" and result["accelerated"]["name"] == "dpm++2m-3"
     assert result["anchor"]["max_abs_vs_set"] < 1e-4 and result["accelerated"]["max_abs_vs_set"] < 1e-4
     assert len(result["accelerated"]["seconds_all"]) == 2 and result["speedup"] > 0

@@ -80,7 +80,7 @@ API_ROWS = {
     "draw_noise batch 0": (lambda: draw_noise(TABLE, (0, 1, 2, 2), 0), ValueError, r"^batch size must be >= 1"),
     "sample seed and noise": (
         lambda: sample_reference(lambda x, t: x, TABLE, seed=0, noise=draw_noise(TABLE, (1, 1, 2, 2), 0)),
-        ValueError, r"^pass exactly one of seed"),  # fmt: skip
+        ValueError, r"^pass exactly one of seed"),
     # schedules and configs
     "schedule T 10**9": (lambda: make_schedule("linear", 10**9), ValueError, r"^num_timesteps must be an integer in \[2, 100000\]"),
     "schedule T True": (lambda: make_schedule("linear", True), ValueError, r"^num_timesteps must be an integer"),

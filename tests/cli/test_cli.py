@@ -67,7 +67,7 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
 def test_sample_with_dpm_solver(tmp_path, capsys, sampler):
     out = tmp_path / "out"
     assert main(["sample", "--config", "tiny", "--sampler", sampler, "--steps", "3", "--batch", "2", "--no-progress",
-                 "--out", str(out)]) == 0  # fmt: skip
+                 "--out", str(out)]) == 0
     assert f"sampler: {sampler}, 3 steps" in capsys.readouterr().out
     assert _images(out).shape == (2, 16, 16, 3)
 
@@ -228,7 +228,7 @@ def test_sharded_sample_takes_threads(tmp_path, capsys):
     before = torch.get_num_threads()
     try:
         argv = ["sample", "--config", "tiny", "--steps", "1", "--no-progress", "--num-images", "2",
-                "--shard-size", "2", "--threads", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+                "--shard-size", "2", "--threads", "1", "--out", str(tmp_path / "out")]
         assert main(argv) == 0
         assert "threads: 1 (--threads) per process" in capsys.readouterr().out and torch.get_num_threads() == 1
     finally:
@@ -241,7 +241,7 @@ def test_sample_and_verify_take_threads(tmp_path, capsys):
         assert main([*TINY_SAMPLE, "--threads", "1", "--out", str(tmp_path / "out")]) == 0
         assert "threads: 1 (--threads)" in capsys.readouterr().out and torch.get_num_threads() == 1
         assert main(["verify", "--steps", "2", "--batch", "1", "--no-compile", "--no-progress", "--threads", "1",
-                     "--dtypes", "float32"]) == 0  # fmt: skip
+                     "--dtypes", "float32"]) == 0
         assert "threads: 1 (--threads)" in capsys.readouterr().out
         assert main([*TINY_SAMPLE, "--threads", "0"]) == 2
         assert main([*TINY_SAMPLE, "--out", str(tmp_path / "default")]) == 0
@@ -254,7 +254,7 @@ def test_verify_ddim_on_the_untrained_default_says_why(capsys):
     """Deterministic DDIM on an untrained model amplifies bf16 rounding past the 30 dB bar for
     any bf16 path: verify says so and holds fastdiff to 2x plain PyTorch's own bf16 error."""
     assert main(["verify", "--sampler", "ddim", "--steps", "10", "--batch", "2", "--no-compile", "--no-progress",
-                 "--threads", "1"]) == 0  # fmt: skip
+                 "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "bar not met (PSNR >= 30 dB)" in out and "plain PyTorch in bfloat16 (eager) is itself at" in out
     assert "-> PASS (2x rule" in out and "FAIL" not in out

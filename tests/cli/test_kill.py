@@ -33,7 +33,7 @@ def run_until(point: str, command: list[str], tmp_path, sig=signal.SIGKILL) -> t
     # Ctrl-C as in a terminal: a job started in the background (a CI runner, `cmd &`) inherits
     # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not pause_file.exists():
         if process.poll() is not None:

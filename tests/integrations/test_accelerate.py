@@ -48,7 +48,7 @@ def cifar10_diffusers_unet():
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=None, norm_eps=1e-6,
-    )  # fmt: skip
+    )
 
 
 def digits_diffusers_unet():
@@ -58,7 +58,7 @@ def digits_diffusers_unet():
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=8, num_class_embeds=10,
-    )  # fmt: skip
+    )
 
 
 def assert_shares_weights(fast: nn.Module, original: nn.Module):
@@ -108,7 +108,7 @@ def test_group_norm_act_keeps_its_silu_switch():
     model = UNet(UNetConfig.tiny())
     fast = accelerate(model)
     pairs = zip((m for m in model.modules() if isinstance(m, GroupNormAct)),
-                (m for m in fast.modules() if isinstance(m, FusedGroupNorm)))  # fmt: skip
+                (m for m in fast.modules() if isinstance(m, FusedGroupNorm)))
     assert all(norm.act == fused.act and norm.eps == fused.eps for norm, fused in pairs)
 
 
@@ -166,7 +166,7 @@ def test_diffusers_resnet_variants_match(overrides):
 def test_attention_processors():
     torch.manual_seed(0)
     classic = Attention(32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True,
-                        processor=AttnProcessor())  # fmt: skip
+                        processor=AttnProcessor())
     custom = Attention(32, heads=2, dim_head=16, processor=AttnProcessor2_0())
     custom.set_processor(lambda attn, hidden_states, *a, **k: hidden_states)  # a processor fastdiff does not know
     model = nn.ModuleDict({"classic": classic, "custom": custom}).eval()
@@ -408,9 +408,9 @@ def test_accelerated_models_run_the_interpreted_kernels(interpreted, monkeypatch
 
     torch.manual_seed(0)
     native = UNet(UNetConfig(image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                             num_groups=4, dropout=0.0)).eval()  # fmt: skip
+                             num_groups=4, dropout=0.0)).eval()
     wrapped = tiny_diffusers_unet(block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=16,
-                                  sample_size=4).eval()  # fmt: skip
+                                  sample_size=4).eval()
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([250])
     with torch.no_grad():
         torch.testing.assert_close(accelerate(native)(x, t), native(x, t), **FP32)

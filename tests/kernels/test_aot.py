@@ -135,7 +135,7 @@ def test_group_norm_tile_loads_are_vectorised_in_both_layouts(full_report):
     assert checked and all(r["vectorised"] for r in checked)
     for layout in ("nchw", "cl"):
         for kernel in ("group_norm_silu_", "group_norm_partial_stats_", "group_norm_silu_apply_",
-                       "group_norm_silu_backward_"):  # fmt: skip
+                       "group_norm_silu_backward_"):
             widths = {max(map(int, r["load_bytes"])) for r in checked if r["name"].startswith(f"{kernel}{layout}_bf16")}
             # 16-byte vectors where the group's channels allow them (C/G = 8 in channels_last); the
             # split path runs at batch 1 of the Ho shapes with C/G = 4 and 12 there: 8 bytes.

@@ -129,7 +129,7 @@ def test_aot_specs_cover_every_launch_config():
         (s.constexprs["BLOCK_D"], s.signature["q_ptr"] == "*fp32", s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
          s.num_warps, s.num_stages)
         for s in attn.aot_specs()
-    }  # fmt: skip
+    }
     for head_dim in range(1, 513):
         for dtype in DTYPES:
             block_d, cfg = attn.pick_config(head_dim, dtype)

@@ -6,7 +6,7 @@ from kernel_routing import kernel_device, launchers, routed_to
 def test_every_kernel_launcher_is_routed():
     names = {f"{module.__name__.rsplit('.', 1)[-1]}.{name}" for module, name in launchers()}
     for launcher in ("group_norm.group_norm_silu", "attention.attention", "q_sample.q_sample",
-                     "sampler_step.sampler_step"):  # fmt: skip
+                     "sampler_step.sampler_step"):
         assert launcher in names
     assert not any(name.endswith("_kernel") or ".aot_" in name for name in names)
 

@@ -168,7 +168,7 @@ def test_aot_specs_carry_the_jit_specialisation():
     "channels_per_group,element_size,channels_last,align",
     [(4, 2, True, 4), (8, 2, True, 8), (12, 2, True, 4), (16, 2, True, 8), (16, 4, True, 4), (10, 2, True, 2),
      (3, 2, True, 1), (1, 4, True, 1), (8, 2, False, 1)],
-)  # fmt: skip
+)
 def test_group_align(channels_per_group, element_size, channels_last, align):
     assert gn.group_align(channels_per_group, element_size, channels_last) == align
 

@@ -27,7 +27,7 @@ def make_inputs(shape, dtype, seed=0):
 def draw_eps(shape, seed, offset, block=kernel.BLOCK):
     x0 = torch.zeros(shape)
     _, eps = kernel.q_sample(x0, torch.zeros(shape[0], dtype=torch.int64), TABLE, rng=torch.tensor([seed, offset]),
-                             block=block)  # fmt: skip
+                             block=block)
     return eps
 
 

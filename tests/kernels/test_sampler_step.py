@@ -82,7 +82,7 @@ def test_without_x0_writes_the_same_x_prev():
     x_t, eps, noise = make_inputs((3, 3, 7, 5), torch.float32)
     with_x0, _ = kernel.sampler_step(x_t, eps, torch.tensor(1), TABLE.coefs, noise=noise, clip_range=1.0)
     x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(1), TABLE.coefs, noise=noise, clip_range=1.0,
-                                     write_x0=False)  # fmt: skip
+                                     write_x0=False)
     assert x0 is None
     assert torch.equal(x_prev, with_x0)
 
@@ -129,7 +129,7 @@ def test_out_of_range_step_gives_nan_not_a_clamped_row(step):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("algorithm, mode", [("dpmsolver++", "none"), ("sde-dpmsolver++", "given"),
-                                             ("sde-dpmsolver++", "philox")])  # fmt: skip
+                                             ("sde-dpmsolver++", "philox")])
 @pytest.mark.parametrize("order", [2, 3])
 def test_history_steps_match_reference(shape, algorithm, mode, order):
     """A whole multistep run: x_prev, x0 and the in-place history agree with the reference at

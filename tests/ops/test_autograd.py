@@ -119,7 +119,7 @@ def test_attention_kernel_gradients_within_2x_of_torch(interpreted, shape, n_kv,
 def test_opcheck_autograd_registration():
     (x, weight, bias), _ = gn_inputs((2, 12, 5, 4), True, False, torch.float32)
     torch.library.opcheck(torch.ops.fastdiff.group_norm_silu_train,
-                          (x.requires_grad_(), weight.requires_grad_(), bias, 3, 1e-5, True))  # fmt: skip
+                          (x.requires_grad_(), weight.requires_grad_(), bias, 3, 1e-5, True))
     (q, k, v), _ = qkv((1, 2, 8, 16), 5, torch.float32)
     torch.library.opcheck(torch.ops.fastdiff.attention, (q.requires_grad_(), k, v.requires_grad_(), None))
 

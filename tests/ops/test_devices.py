@@ -102,7 +102,7 @@ def test_ops_and_sampler_run_on_a_non_default_device():
     device = torch.device("cuda:1")
     x = torch.randn(2, 32, 8, 8, device=device)
     torch.testing.assert_close(ops.group_norm_silu(x, None, None, 8), ops.group_norm_silu(x.cpu(), None, None, 8).to(device),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+                               rtol=1e-5, atol=1e-5)
     q = torch.randn(1, 2, 64, 32, device=device)
     torch.testing.assert_close(ops.attention(q, q, q).cpu(), ops.attention(q.cpu(), q.cpu(), q.cpu()), rtol=1e-5, atol=1e-5)
     index, coefs = torch.tensor(2, device=device), TABLE.coefs.to(device)

@@ -58,7 +58,7 @@ def test_strided_heads_and_nan(route):
     "q_shape,n_kv",
     [pytest.param((0, 2, 24, 32), None, id="no-batch"), pytest.param((2, 2, 0, 32), 7, id="no-queries"),
      pytest.param((2, 2, 24, 32), 0, id="no-keys")],
-)  # fmt: skip
+)
 def test_empty_input_launches_nothing(route, launches, q_shape, n_kv):
     q, k, v = make_qkv(q_shape, n_kv=n_kv)
     out = attention(q, k, v)

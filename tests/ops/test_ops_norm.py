@@ -47,7 +47,7 @@ def test_matches_reference(route, launches, dtype, apply_silu, affine):
         pytest.param(lambda x: x[:, :, ::2], torch.contiguous_format, id="sliced NCHW"),
         pytest.param(lambda x: x.transpose(2, 3), torch.contiguous_format, id="H and W transposed"),
     ],
-)  # fmt: skip
+)
 def test_layouts_and_output_format(route, make_view, memory_format):
     x, weight, bias = make_inputs()
     view = make_view(x)
@@ -124,7 +124,7 @@ def test_bad_argument_raises_naming_it(name, value, error):
                      id="no affine, channels_last"),
         pytest.param(lambda x, w, b: (x.bfloat16(), w.bfloat16(), None, 4, 1e-6, True), id="weight only, bf16"),
     ],
-)  # fmt: skip
+)
 def test_opcheck(route, make_args):
     torch.library.opcheck(torch.ops.fastdiff.group_norm_silu.default, make_args(*make_inputs()))
 
@@ -174,7 +174,7 @@ def test_group_whose_statistics_overflow_is_nan_on_every_route(route):
 @pytest.mark.parametrize("x_dtype, param_dtype, ok", [
     (torch.float32, torch.float16, False), (torch.float32, torch.bfloat16, False),
     (torch.float16, torch.bfloat16, False), (torch.bfloat16, torch.float32, True), (torch.float16, torch.float16, True),
-])  # fmt: skip
+])
 def test_parameter_dtype_rule_is_the_same_on_every_route(route, x_dtype, param_dtype, ok):
     x, weight, bias = make_inputs(dtype=x_dtype)
     weight, bias = weight.to(param_dtype), bias.to(param_dtype)

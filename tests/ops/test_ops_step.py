@@ -100,7 +100,7 @@ def test_history_matches_reference_and_is_updated_in_place(route, launches, mode
 def _valid_args():
     x_t, eps, noise = make_inputs()
     return {"x_t": x_t, "eps": eps, "step_index": torch.tensor(1), "coefs": TABLE.coefs, "noise": noise,
-            "rng": torch.tensor([1, 2]), "clip_range": 1.0}  # fmt: skip
+            "rng": torch.tensor([1, 2]), "clip_range": 1.0}
 
 
 BAD_ARGUMENTS = [
@@ -242,7 +242,7 @@ def _diffusers_cases():
         "ddim-eta0.5-clipped-eps": (
             DDIMScheduler(clip_sample=True, set_alpha_to_one=False), {"eta": 0.5, "use_clipped_model_output": True},
             ddim_table(SCHEDULE, 10, eta=0.5, clip_sample=True, set_alpha_to_one=False, use_clipped_model_output=True)),
-    }  # fmt: skip
+    }
 
 
 #: diffusers builds abar with a float32 cumprod; fastdiff in float64, rounding only the final
@@ -251,7 +251,7 @@ DIFFUSERS_TOLERANCE = {"rtol": 1e-5, "atol": 5e-5}
 
 
 @pytest.mark.parametrize("case", ["ddpm-fixed_large-clip", "ddpm-fixed_small", "ddim-eta0", "ddim-eta0.5-clip",
-                                  "ddim-eta0.5-clipped-eps"])  # fmt: skip
+                                  "ddim-eta0.5-clipped-eps"])
 def test_matches_diffusers_scheduler_step(interpreted, case):
     pytest.importorskip("diffusers")
     scheduler, step_kwargs, table = _diffusers_cases()[case]
@@ -310,7 +310,7 @@ def test_cuda_graph_replays_every_step_with_fresh_noise():
     x_cpu, eps_cpu = x_t.cpu(), eps.cpu()
     for i, (got_prev, got_z) in enumerate(results):
         ref_prev, _ = reference.sampler_step(x_cpu, eps_cpu, torch.tensor(i), TABLE.coefs, rng=rng.cpu(),
-                                             clip_range=TABLE.clip)  # fmt: skip
+                                             clip_range=TABLE.clip)
         assert_close(got_prev.cpu(), ref_prev, msg=f"x_prev at step {i}")
         torch.testing.assert_close(got_z.cpu(), reference.philox_noise_like(x_cpu, 123, 4, i), rtol=1e-5, atol=1e-5)
     for i in range(1, TABLE.num_steps):

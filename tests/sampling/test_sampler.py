@@ -138,7 +138,7 @@ def test_step_gathers_t_by_index_and_runs_the_model_in_its_dtype():
 def test_class_conditioned_model():
     torch.manual_seed(0)
     config = UNetConfig(image_size=8, in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                        attn_resolutions=(4,), num_groups=4, num_classes=10)  # fmt: skip
+                        attn_resolutions=(4,), num_groups=4, num_classes=10)
     conditioned = UNet(config).eval()
     table = ddim_table(SCHEDULE, steps=5, clip_sample=True)
     sampler = Sampler(conditioned, table, compile=False)

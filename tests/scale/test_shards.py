@@ -59,7 +59,7 @@ def _rank_worker(rank: int, world_size: int, rendezvous: str, out: str, kill_at_
 def _run_two_ranks(tmp_path: Path, out: Path, kill_at_shard: int | None = None) -> None:
     rendezvous = tmp_path / f"rendezvous-{out.name}"
     mp.start_processes(_rank_worker, args=(2, str(rendezvous), str(out), kill_at_shard), nprocs=2,
-                       start_method="spawn")  # fmt: skip
+                       start_method="spawn")
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ CONFIGS = [
                       timestep_spacing="leading"), 10, id="sde-2m-heun-leading"),
     pytest.param(dict(solver_order=3, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing"), 16,
                  id="sde-3m-trailing"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("config, steps", CONFIGS)

@@ -24,13 +24,13 @@ def _trainer(world: World) -> Trainer:
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {**{f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()},
-            **{f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()}}  # fmt: skip
+            **{f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()}}
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out: str):
     # The environment torchrun sets: fastdiff.scale.distributed.join() initialises the Gloo group from it.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     world = join()
     try:

@@ -39,7 +39,7 @@ class FusedGroupNorm(nn.GroupNorm):
         # (N, C, *) of another rank (diffusers' attention normalises (B, C, H*W)): the statistics
         # are over (C/G, *) either way, so view it as (N, C, L, 1).
         y = ops.group_norm_silu(x.reshape(x.shape[0], x.shape[1], -1, 1), self.weight, self.bias,
-                                self.num_groups, self.eps, self.act)  # fmt: skip
+                                self.num_groups, self.eps, self.act)
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -122,7 +122,7 @@ class FusedAttnProcessor:
         self.scale_from_module = scale_from_module
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):  # fmt: skip
+                 *args, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
             from diffusers.models.attention_processor import AttnProcessor2_0
 

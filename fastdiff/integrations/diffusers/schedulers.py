@@ -25,7 +25,7 @@ FUSED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepSchedul
 DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 #: DPMSolverMultistepScheduler config flags whose sigmas or conversions the tables do not reproduce.
 _UNFUSED_DPM_FLAGS = ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                      "use_flow_sigmas", "use_dynamic_shifting")  # fmt: skip
+                      "use_flow_sigmas", "use_dynamic_shifting")
 
 
 def is_fused_scheduler(obj) -> bool:
@@ -76,7 +76,7 @@ def schedule_from_scheduler(scheduler) -> NoiseSchedule:
 
 
 def table_from_scheduler(scheduler, steps: int | None = None, eta: float = 0.0,
-                         use_clipped_model_output: bool = False) -> StepTable:  # fmt: skip
+                         use_clipped_model_output: bool = False) -> StepTable:
     """The StepTable that computes exactly what a diffusers ``DDPMScheduler`` / ``DDIMScheduler``
     / ``DPMSolverMultistepScheduler`` step computes with its config (schedule, clip_sample and
     its range, variance_type, set_alpha_to_one, timestep_spacing, steps_offset; the solver's
@@ -96,9 +96,9 @@ def table_from_scheduler(scheduler, steps: int | None = None, eta: float = 0.0,
     if is_ddim:
         return ddim_table(schedule, steps=steps, eta=eta, clip_sample=config.clip_sample,
                           clip_range=config.clip_sample_range, set_alpha_to_one=config.set_alpha_to_one,
-                          use_clipped_model_output=use_clipped_model_output, **spaced)  # fmt: skip
+                          use_clipped_model_output=use_clipped_model_output, **spaced)
     return ddpm_table(schedule, steps=steps, variance=DDPM_VARIANCES[config.variance_type], form="diffusers",
-                      clip_sample=config.clip_sample, clip_range=config.clip_sample_range, **spaced)  # fmt: skip
+                      clip_sample=config.clip_sample, clip_range=config.clip_sample_range, **spaced)
 
 
 def dpmsolver_table_from_scheduler(scheduler, steps: int) -> StepTable:
@@ -111,7 +111,7 @@ def dpmsolver_table_from_scheduler(scheduler, steps: int) -> StepTable:
         round_karras_timesteps=c.beta_schedule != "squaredcos_cap_v2", final_sigmas=c.final_sigmas_type,
         lower_order_final=c.lower_order_final, euler_at_final=c.euler_at_final,
         lambda_min_clipped=c.lambda_min_clipped,
-    )  # fmt: skip
+    )
 
 
 class DeviceTable(NamedTuple):
@@ -194,7 +194,7 @@ class FusedSchedulerStep(FusedStep):
         x_prev, x0 = ops.sampler_step(
             sample, model_output, fused.step_indices[fused.index_of[timestep]], fused.table.coefs,
             noise=self._noise(a, timestep, eta), clip_range=fused.table.clip,
-        )  # fmt: skip
+        )
         if not a["return_dict"]:
             return x_prev, x0
         return self._output_type()(prev_sample=x_prev, pred_original_sample=x0)
@@ -257,7 +257,7 @@ class FusedDPMSolverStep(FusedStep):
         x_prev, _ = ops.sampler_step(
             sample, model_output, fused.step_indices[s.step_index], fused.table.coefs,
             noise=self._noise(a), history=self.history,
-        )  # fmt: skip
+        )
         s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
         s._step_index += 1
         x_prev = x_prev.to(model_output.dtype)

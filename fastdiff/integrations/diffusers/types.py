@@ -29,7 +29,7 @@ def _load() -> SimpleNamespace:
         DiffusionPipeline=DiffusionPipeline, UNet2DModel=UNet2DModel, DDPMScheduler=DDPMScheduler,
         DDIMScheduler=DDIMScheduler, DPMSolverMultistepScheduler=DPMSolverMultistepScheduler, Attention=Attention,
         AttnProcessor=AttnProcessor, AttnProcessor2_0=AttnProcessor2_0, ResnetBlock2D=ResnetBlock2D,
-    )  # fmt: skip
+    )
 
 
 def is_instance(obj, name: str) -> bool:
