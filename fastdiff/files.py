@@ -156,6 +156,7 @@ def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
+    # only where renameat2 may exist (Linux)
     import ctypes
 
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fastdiff.files import atomic_write
 
@@ -43,8 +44,6 @@ def make_grid(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
 
 def save_grid_png(images, path, nrow: int | None = None) -> Path:
     """Write the images as one PNG grid (``nrow`` per row, default about square), atomically."""
-    from PIL import Image
-
     grid = make_grid(images, nrow)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

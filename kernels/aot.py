@@ -125,6 +125,7 @@ def parse_ptxas_log(log: str) -> tuple[int, int]:
 
 
 def _compile(spec: AotSpec, arch: int) -> tuple[int, str, str]:
+    # triton is optional: imported only where it is used
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -162,6 +163,7 @@ def launch_spec(name: str, fn, args: dict, num_warps: int, num_stages: int, *, v
     whose address 0 is as aligned as torch's allocations). Each value is specialised by Triton's
     own ``native_specialize_impl`` for the CUDA backend, as ``JITFunction.run`` does it: integers
     equal to 1 become constexprs, pointers and integers divisible by 16 get ``tt.divisibility``."""
+    # triton is optional: imported only where it is used
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend

@@ -197,6 +197,7 @@ def aot_specs():
     """Every configuration the launcher can pick, for the ahead-of-time compile report, each with
     the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec).
     The 16-bit tiles are listed for bf16: fp16 compiles to the same shared memory and registers."""
+    # triton's compiler: only the AOT report needs it
     from fastdiff.kernels.aot import launch_spec
     from triton.runtime.jit import MockTensor
 

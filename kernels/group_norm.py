@@ -576,6 +576,7 @@ def expected_vector_bytes(p: Plan, hw: int, element_size: int, channels_last: bo
 def _aot_launches():
     """(name, Launch, expected vector bytes) for every launch the report compiles: the shapes above
     in both layouts, every (BLOCK_C, GROUP_ALIGN) the launchers can pick, and every epilogue switch."""
+    # triton is optional: imported only where it is used
     from triton.runtime.jit import MockTensor
 
     ptr = {dtype: MockTensor(dtype) for dtype in (torch.bfloat16, torch.float32)}
@@ -613,6 +614,7 @@ def aot_specs():
     the specialisation Triton's JIT gives those arguments (fastdiff.kernels.aot.launch_spec), and
     checked for vectorised tile loads where the layout allows them. Listed for bf16 (the GPU
     serving dtype; fp16 compiles alike) and a few fp32 launches. Identical compiles are listed once."""
+    # triton's compiler: only the AOT report needs it
     from fastdiff.kernels.aot import launch_spec
 
     specs = {}

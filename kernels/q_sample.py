@@ -102,6 +102,7 @@ AOT_VALUES_PER_SAMPLE, AOT_TIMESTEPS = 3 * 32 * 32, 1000
 def aot_specs():
     """Every config the launcher picks for same-dtype x0 and noise: dtype x noise mode, each with
     the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec)."""
+    # triton's compiler: only the AOT report needs it
     from fastdiff.kernels.aot import launch_spec
     from triton.runtime.jit import MockTensor
 

@@ -206,6 +206,7 @@ def format_markdown(report: Report) -> str:
 
 
 def to_json(report: Report) -> dict:
+    # triton is optional: imported only where it is used
     import triton
 
     return {

@@ -172,6 +172,7 @@ def aot_specs():
     runs: fp32 x_t and history, fp32 or bf16 model output, 1 or 2 history entries, no noise
     (ODE form) or noise (SDE form). Other dtype mixes compile the same code. Each is compiled
     with the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec)."""
+    # triton's compiler: only the AOT report needs it
     from fastdiff.kernels.aot import launch_spec
     from triton.runtime.jit import MockTensor
 

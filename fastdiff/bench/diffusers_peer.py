@@ -115,6 +115,7 @@ def converted_state_dict(model: UNet) -> dict[str, torch.Tensor]:
 
 def to_unet2d(model: UNet):
     """A diffusers ``UNet2DModel`` with ``model``'s weights (same device and dtype), in eval mode."""
+    # diffusers is optional
     from diffusers import UNet2DModel
 
     param = next(model.parameters())
@@ -199,6 +200,7 @@ def make_pipeline(unet2d, table, schedule):
 
     The schedule's betas are handed over as ``trained_betas``, so any fastdiff schedule maps exactly.
     """
+    # diffusers is optional
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
     if table.history_size or table.method.endswith("dpmsolver++"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 _PACKAGES = ("torch", "triton", "diffusers", "numpy", "nvidia-ml-py", "fastdiff")
@@ -81,8 +82,6 @@ def collect(device) -> dict:
         env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
                       "memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count}
     try:
-        import psutil
-
         env["memory_bytes"] = psutil.virtual_memory().total
     except ImportError:
         pass

@@ -10,7 +10,7 @@ on the pooled reference samples (random equal splits of ref + ref').
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -36,6 +36,7 @@ class DigitsFeatures:
 
     @classmethod
     def fit(cls) -> "DigitsFeatures":
+        # scikit-learn is optional (fastdiff[train])
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.neural_network import MLPClassifier
         from threadpoolctl import threadpool_limits
@@ -120,8 +121,6 @@ class FidelityReport:
         return self.fd_accel_ref <= self.noise_threshold
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return {**asdict(self), "passed": self.passed, "noise_quantile": NOISE_QUANTILE, "permutations": PERMUTATIONS}
 
 

@@ -15,7 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
+from tqdm.auto import tqdm
 
 from fastdiff.bench import environment, roofline
 from fastdiff.bench.paths import DEFAULT_PATHS, PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
@@ -166,7 +168,6 @@ class MemoryMeter:
         if self.kind == "cpu_peak_rss":
             _CLEAR_REFS.write_text("5")
             return _rss_bytes("VmRSS")
-        import psutil
 
         return psutil.Process().memory_info().rss
 
@@ -175,6 +176,7 @@ class MemoryMeter:
             return torch.cuda.max_memory_allocated(self.device)
         if self.kind == "cpu_peak_rss":
             return _rss_bytes("VmHWM")
+        # POSIX only
         import resource
 
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -206,8 +208,6 @@ def fidelity(images: torch.Tensor, reference: torch.Tensor) -> dict:
 
 class _Progress:
     def __init__(self, total: int, enabled: bool):
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, unit="call", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
     def show(self, text: str):

@@ -130,6 +130,7 @@ def fastdiff_label(described: dict) -> str:
 def _diffusers(ctx: BenchContext) -> BenchPath:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; nothing may download
     try:
+        # diffusers is optional
         import diffusers
     except ImportError as e:
         raise PathSkipped(f"diffusers is not installed ({e})") from None

@@ -325,9 +325,11 @@ def render_speedup(measured: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> Path:
+    # matplotlib is optional (fastdiff[bench])
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib is optional (fastdiff[bench])
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)

@@ -107,9 +107,11 @@ def _json_default(value):
 
 def plot_png(result: dict, path) -> Path:
     """Throughput (median images/s, p10-p90 bars) per path against batch size."""
+    # matplotlib is optional (fastdiff[bench])
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib is optional (fastdiff[bench])
     import matplotlib.pyplot as plt
 
 

@@ -85,6 +85,7 @@ def count_forward_flops(model: torch.nn.Module, example: tuple) -> dict:
     ``torch.utils.flop_counter`` counts 0 for CPU's fused SDPA kernel, so whatever it attributes
     to SDPA ops is replaced by 4 N^2 D per head for every SpatialSelfAttention call.
     """
+    # only when FLOPs are counted
     from torch.utils.flop_counter import FlopCounterMode
 
     own_attention = 0

@@ -10,6 +10,7 @@ import os
 import statistics
 import threading
 
+import psutil
 import torch
 
 SAMPLE_INTERVAL_S = 0.05
@@ -18,6 +19,7 @@ SAMPLE_INTERVAL_S = 0.05
 def _nvml():
     """The initialised ``pynvml`` module, or None when NVML is unavailable."""
     try:
+        # nvidia-ml-py is optional (fastdiff[gpu])
         import pynvml
 
         pynvml.nvmlInit()
@@ -79,7 +81,6 @@ class Telemetry:
                 "mem_util_pct": util.memory,
                 "temperature_c": nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
             }
-        import psutil
 
         return {"cpu_util_pct": psutil.cpu_percent(interval=None), "loadavg_1m": os.getloadavg()[0]}
 
@@ -108,8 +109,6 @@ class Recording:
     def __enter__(self):
         if self._telemetry.kind != "absent":
             if self._telemetry.kind == "cpu":
-                import psutil
-
                 psutil.cpu_percent(interval=None)  # the first call only sets psutil's reference point
             self._thread.start()
         return self

@@ -82,6 +82,7 @@ class _Scheduled(Exception):
 
 
 def _kernels_of(nodes) -> list[Kernel]:
+    # inductor internals: only this report reads them
     from torch._inductor import ir, scheduler
 
     kernels = []
@@ -99,6 +100,7 @@ def _kernels_of(nodes) -> list[Kernel]:
 
 @contextlib.contextmanager
 def _capture_schedule(found: list):
+    # inductor internals: only this report reads them
     from torch._inductor import scheduler
 
     def capture(self, *args, **kwargs):

@@ -35,12 +35,14 @@ def available() -> bool:
 
 def default_precision() -> str:
     """OpenVINO's own default CPU inference precision here (bf16 where the CPU has it)."""
+    # openvino is optional (fastdiff[cpu])
     import openvino as ov
 
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
 
 def version() -> str:
+    # openvino is optional (fastdiff[cpu])
     import openvino
 
     return openvino.__version__.split("-")[0]
@@ -63,6 +65,7 @@ class OpenVINOModel(nn.Module):
         self._requests: dict[tuple, list] = {}
 
     def _convert(self, example: tuple):
+        # openvino is optional (fastdiff[cpu])
         import openvino as ov
 
         if self._converted is None:
@@ -78,6 +81,7 @@ class OpenVINOModel(nn.Module):
         """The infer requests for these inputs' shapes (one per stream), compiled on first use."""
         key = tuple(tuple(i.shape) for i in inputs)
         if key not in self._requests:
+            # openvino is optional (fastdiff[cpu])
             import openvino as ov
 
             streams = self.streams(key[0][0])

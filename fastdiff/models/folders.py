@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from fastdiff.files import atomic_folder, atomic_write
 from fastdiff.models.unet import UNet, UNetConfig, count_parameters
@@ -77,8 +79,6 @@ def save_model(
     SHA-256, which :func:`load_model` checks. ``extra`` (JSON-serialisable) is stored under
     ``"extra"`` and returned in :class:`ModelInfo`.
     """
-    from safetensors.torch import save_file
-
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError("model must be a fastdiff UNet (with a .config UNetConfig)")
@@ -182,8 +182,6 @@ def random_init_model(config, seed: int = RANDOM_INIT_SEED, device="cpu", dtype:
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a safetensors file and the SHA-256 of its bytes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model weights file not found")

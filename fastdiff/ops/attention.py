@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff.kernels.layouts import output_like
 from fastdiff.ops import backend, reference
@@ -73,8 +74,6 @@ def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     another backend), laid out as :func:`output_like` says. A NaN query row comes out NaN, as on
     the other routes: FlashAttention's row normalisation does not promise it, so the reference's
     own fill sets those rows (one more read of q)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = reference.nan_query_rows(F.scaled_dot_product_attention(q, k, v, scale=scale), q)
     laid_out = output_like(q)
@@ -92,6 +91,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     with backend.on_device(q.device):
         if which == SDPA_FLASH:
             return sdpa_flash(q, k, v, scale)
+        # the kernels need triton, which is optional: imported when a kernel runs
         from fastdiff.kernels.attention import attention as launch
 
         return launch(q, k, v, scale)

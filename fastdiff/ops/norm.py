@@ -41,6 +41,7 @@ def _group_norm_silu_op(
 
 def _kernel(x, weight, bias, num_groups, eps, apply_silu, stats=None) -> torch.Tensor:
     """The Triton forward on x in its output layout, under x's device (``stats``: see the launcher)."""
+    # the kernels need triton, which is optional: imported when a kernel runs
     from fastdiff.kernels.group_norm import group_norm_silu as launch
 
     x = x.contiguous(memory_format=output_memory_format(x))
@@ -107,6 +108,7 @@ def _group_norm_silu_backward_op(
     if backend.kernel_path(x.device) == "reference" or x.numel() == 0:
         dx, dweight, dbias = _reference_backward(x, grad, weight, bias, num_groups, eps, apply_silu)
     else:
+        # the kernels need triton, which is optional: imported when a kernel runs
         from fastdiff.kernels.group_norm import group_norm_silu_backward as launch
 
         with backend.on_device(x.device):

@@ -76,6 +76,7 @@ def _q_sample_op(x0, t, coefs, noise, rng):
         if noise is not None:  # the reference hands back noise itself; op outputs may not alias inputs
             eps = eps.clone(memory_format=torch.contiguous_format)
         return x_t.contiguous(), eps
+    # the kernels need triton, which is optional: imported when a kernel runs
     from fastdiff.kernels.q_sample import q_sample as launch
 
     with backend.on_device(x0.device):

@@ -114,6 +114,7 @@ def _sampler_step_op(x_t, eps, step_index, coefs, noise, rng, clip_range, histor
     if backend.kernel_path(x_t.device) == "reference":
         x_prev, x0 = reference.sampler_step(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
         return x_prev.contiguous(), x0.contiguous()
+    # the kernels need triton, which is optional: imported when a kernel runs
     from fastdiff.kernels.sampler_step import sampler_step as launch
 
     with backend.on_device(x_t.device):

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from fastdiff.files import atomic_write
 from fastdiff.images import save_npz, to_uint8
@@ -350,8 +352,6 @@ def _write_shard(shards_dir: Path, shard: int, start: int, images: torch.Tensor,
 
     Files are not fsync'ed one by one: the checksums verified on every resume catch whatever a
     power loss could tear."""
-    from PIL import Image
-
     array = to_uint8(images)
     stop = start + array.shape[0]
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -437,8 +437,6 @@ class _ProgressBar:
     """Rank 0's bar: images done / N across all ranks (shard folders on disk), aggregate images/s."""
 
     def __init__(self, shards_dir: Path, plan: ShardPlan):
-        from tqdm.auto import tqdm
-
         self.shards_dir, self.plan = shards_dir, plan
         self.initial = self._done()
         self.start = time.perf_counter()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 #: Size the 8x8 digits are upsampled to: the smallest that a three-level UNet (16, 8, 4) fits.
 DIGITS_IMAGE_SIZE = 16
@@ -34,6 +35,7 @@ def load_digits_dataset(split: str = "train", image_size: int = DIGITS_IMAGE_SIZ
     Upsampling is bilinear: a convex combination of neighbours, so values stay in [-1, 1], and
     strokes come out smooth instead of as 2x2 blocks a model would have to learn to reproduce.
     """
+    # scikit-learn is optional (fastdiff[train])
     from sklearn.datasets import load_digits
 
     if split not in ("train", "heldout", "all"):
@@ -59,8 +61,6 @@ def load_image_folder(folder) -> torch.Tensor:
     All images must share one size. C is 1 when every image is grayscale, else 3 (grayscale
     images are then repeated to RGB; alpha is dropped).
     """
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"data folder {str(folder)!r} does not exist or is not a directory")
@@ -94,7 +94,6 @@ def load_image_folder(folder) -> torch.Tensor:
 def _to_8bit(image, mode: str):
     if image.mode in ("I;16", "I"):  # 16-bit grayscale: rescale rather than let PIL clip it
         array = np.asarray(image, dtype=np.float32) / 257.0
-        from PIL import Image
 
         image = Image.fromarray(array.clip(0, 255).astype(np.uint8), mode="L")
     return image.convert(mode)

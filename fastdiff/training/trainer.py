@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
 from fastdiff.files import atomic_write
 from fastdiff.models.folders import save_model
@@ -230,8 +232,6 @@ class Trainer:
         """Write ``folder/checkpoint.safetensors`` atomically (the previous one survives a crash).
 
         Only rank 0 writes: every process holds the same weights, optimizer and generator states."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         if not self.world.is_main:
             return checkpoint_path(folder)
@@ -255,7 +255,7 @@ class Trainer:
             "world_size": str(self.world.size),
         }
         folder.mkdir(parents=True, exist_ok=True)
-        return atomic_write(folder / CHECKPOINT_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return atomic_write(folder / CHECKPOINT_FILE, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
     def load_checkpoint(self, path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote. ``path``: the file or its folder.
@@ -345,8 +345,6 @@ def checkpoint_path(path) -> Path:
 
 def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a training checkpoint; ValueError if it is not one."""
-    from safetensors import SafetensorError, safe_open
-
     path = checkpoint_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")

@@ -94,6 +94,7 @@ def fused_resnet_block_class() -> type:
     (built on first use so that importing fastdiff never imports diffusers). It is reachable as
     ``fastdiff.integrations.diffusers.modules.FusedResnetBlock2D`` (see ``__getattr__`` below), which is where
     pickle -- ``torch.save`` of an accelerated model -- finds it again."""
+    # diffusers is optional
     from diffusers.models.resnet import ResnetBlock2D
 
     namespace = {"forward": _fused_resnet_forward, "__doc__": _fused_resnet_forward.__doc__, "__module__": __name__}
@@ -124,6 +125,7 @@ class FusedAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
+            # diffusers is optional
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -21,6 +21,7 @@ def loaded() -> SimpleNamespace | None:
 
 
 def _load() -> SimpleNamespace:
+    # diffusers is optional
     from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
     from diffusers.models.resnet import ResnetBlock2D
