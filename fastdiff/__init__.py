@@ -9,6 +9,9 @@ The tree (each layer imports only those before it): ``kernels`` (Triton) -> ``op
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 from fastdiff import moved
 
@@ -33,6 +36,24 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 moved.install()  # the old import paths of moved modules, deprecated
+
+
+def _map_source_kernels() -> None:
+    """Installed, ``kernels/`` is ``fastdiff.kernels`` (pyproject's package-dir). A source checkout
+    run with ``PYTHONPATH=.`` and no install (the GPU machine) has it beside this package instead:
+    map it there, so ``fastdiff.kernels.*`` imports the same either way."""
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if importlib.util.find_spec("fastdiff.kernels") is not None or not source.is_file():
+        return
+    spec = importlib.util.spec_from_file_location("fastdiff.kernels", source,
+                                                  submodule_search_locations=[str(source.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastdiff.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module  # as the import system binds an imported submodule on its package
+
+
+_map_source_kernels()
 
 
 def __getattr__(name: str):
