@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from helpers import assert_close, assert_within_2x_of_torch
 
 from fastdiff.commands.verify import fp64_trajectory
@@ -22,6 +21,10 @@ from fastdiff.schedulers import (
     make_schedule,
     step_table,
 )
+
+# where diffusers is absent (the GPU image) the module skips rather than failing pytest's collection
+pytest.importorskip("diffusers")
+from diffusers import DDIMScheduler, DDPMScheduler
 
 T = 1000
 LOOP_STEPS = 10
