@@ -63,6 +63,7 @@ class BenchSettings:
     seed: int = 0
     quick: bool = False
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    autotune: bool = True  # CUDA: compile path in max-autotune mode, Sampler autotuning; False: neither
 
     def resolved(self) -> "BenchSettings":
         """Checked settings with defaults filled in; raises ValueError/TypeError naming the option."""
@@ -95,7 +96,7 @@ class BenchSettings:
             model=self.model, config=self.config, batches=tuple(sorted(set(batches))),
             steps=self.steps or defaults.steps, sampler=self.sampler, dtype=self.dtype, device=device,
             paths=paths, repeats=self.repeats or defaults.repeats, seed=self.seed, quick=self.quick,
-            threads=self.threads,
+            threads=self.threads, autotune=self.autotune,
         )
 
 
@@ -269,7 +270,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
     flops_per_image = flops["total"] * table.num_steps
     phase("roof_and_flops")
 
-    ctx = BenchContext(model, schedule, table, device, dtype)
+    ctx = BenchContext(model, schedule, table, device, dtype, autotune=settings.autotune)
     paths: dict[str, BenchPath] = {}
     path_report: dict[str, dict] = {}
     for name in settings.paths:
@@ -303,7 +304,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> dict:
         if path.describe is not None:
             described = path.describe()  # after the run: e.g. a compile fallback shows here
             entry["info"] = {**path.info, "describe_after_run": described}
-            if name == "fastdiff":
+            if name.startswith("fastdiff"):
                 entry["label"] = fastdiff_label(described)
 
     _derive(results, table.num_steps, flops_per_image, roofs,

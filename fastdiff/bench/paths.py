@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-PATHS = ("reference", "compile", "fastdiff", "diffusers", "openvino")
-#: What runs when no --paths are given (OpenVINO is an optional package: ask for it by name).
+PATHS = ("reference", "compile", "fastdiff", "fastdiff-nographs", "diffusers", "openvino")
+#: What runs when no --paths are given (OpenVINO is an optional package, fastdiff-nographs the
+#: Sampler without its CUDA graphs: ask for them by name).
 DEFAULT_PATHS = ("reference", "compile", "fastdiff", "diffusers")
 
 
@@ -32,6 +33,7 @@ class BenchContext:
     table: object  # fastdiff.schedulers.StepTable for (method, steps)
     device: torch.device
     dtype: torch.dtype  # precision of the non-reference paths
+    autotune: bool = True  # on CUDA: torch.compile max-autotune and the Sampler's autotuning, else neither
 
 
 @dataclass
@@ -50,8 +52,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_path(name: str, ctx: BenchContext) -> BenchPath:
-    builders = {"reference": _reference, "compile": _compiled, "fastdiff": _fastdiff, "diffusers": _diffusers,
-                "openvino": _openvino}
+    builders = {"reference": _reference, "compile": _compiled, "fastdiff": _fastdiff,
+                "fastdiff-nographs": _fastdiff_without_graphs, "diffusers": _diffusers, "openvino": _openvino}
     return builders[name](ctx)
 
 
@@ -80,7 +82,7 @@ class CastIO(nn.Module):
 def _compiled(ctx: BenchContext) -> BenchPath:
     from fastdiff.sampling import sample_reference
 
-    mode = "max-autotune" if ctx.device.type == "cuda" else None  # CPU: inductor's default mode
+    mode = "max-autotune" if ctx.device.type == "cuda" and ctx.autotune else None  # CPU: inductor's default mode
     net = ctx.model if ctx.dtype == torch.float32 else copy.deepcopy(ctx.model).to(ctx.dtype)
     # eval() up front: the sampling loop would otherwise flip the shared model back to train mode after each call
     model = CastIO(torch.compile(net, mode=mode, dynamic=False), ctx.dtype).eval()
@@ -94,7 +96,7 @@ def _compiled(ctx: BenchContext) -> BenchPath:
                       "dynamic": False, "inductor_freezing": bool(torch._inductor.config.freezing)})
 
 
-def _fastdiff(ctx: BenchContext) -> BenchPath:
+def _fastdiff(ctx: BenchContext, name: str = "fastdiff", cuda_graphs: bool | str = "auto") -> BenchPath:
     try:
         from fastdiff.sampling.sampler import Sampler
     except ImportError as e:
@@ -102,13 +104,19 @@ def _fastdiff(ctx: BenchContext) -> BenchPath:
 
     # The run's own StepTable, so the sampler computes exactly the reference's update; the model is
     # copied because acceleration may swap its modules in place.
-    sampler = Sampler(copy.deepcopy(ctx.model), ctx.table, dtype=ctx.dtype, device=ctx.device)
+    sampler = Sampler(copy.deepcopy(ctx.model), ctx.table, dtype=ctx.dtype, device=ctx.device,
+                      autotune=ctx.autotune, cuda_graphs=cuda_graphs)
 
     def run(noise, class_labels):
         return to_unit(sampler.sample(noise=noise, class_labels=class_labels))
 
-    return BenchPath("fastdiff", "fastdiff Sampler", ctx.dtype, run, {"sampler": sampler.describe()},
+    return BenchPath(name, "fastdiff Sampler", ctx.dtype, run, {"sampler": sampler.describe()},
                      describe=sampler.describe)
+
+
+def _fastdiff_without_graphs(ctx: BenchContext) -> BenchPath:
+    """The Sampler with its CUDA graphs off: what the graphs themselves save (same as fastdiff on a CPU)."""
+    return _fastdiff(ctx, "fastdiff-nographs", cuda_graphs=False)
 
 
 def fastdiff_label(described: dict) -> str:

@@ -67,6 +67,21 @@ def measure_roof(device, dtype: torch.dtype, quick: bool = False) -> dict:
     }
 
 
+#: Bytes each side of the copy probe: well past any cache (the H200's L2 is 60 MB).
+COPY_BYTES = {"cpu": 2**28, "cuda": 2**31, "quick": 2**23}
+
+
+@torch.no_grad()
+def measure_bandwidth(device, quick: bool = False) -> dict:
+    """Achievable memory bandwidth of ``device``: the best device-to-device copy, bytes read + written."""
+    device = torch.device(device)
+    kind = "quick" if quick else ("cuda" if device.type == "cuda" else "cpu")
+    source = torch.ones(COPY_BYTES[kind], dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = _best_seconds(lambda: target.copy_(source), device, PROBE_REPEATS[kind])
+    return {"bytes_each_way": source.numel(), "seconds": seconds, "bytes_per_s": 2 * source.numel() / seconds}
+
+
 def best_roof(before: dict, after: dict) -> dict:
     """One roof from the probes taken before and after the timed calls: the better of the two."""
     best = max((before, after), key=lambda probe: probe["roof_tflops"])
