@@ -10,8 +10,8 @@ than by measurement (``-k "routes or split"``; skipped without a GPU):
 - attention: the fastdiff Triton kernel against ``F.scaled_dot_product_attention`` restricted to
   its FlashAttention-2 backend, at the head dims both take (the op routes D <= 256 in fp16/bf16 to
   SDPA until this says otherwise; ``fastdiff.ops.attention.flash_takes``);
-- GroupNorm at batch 1 and 8: one program per (sample, group) against the split-group path
-  (``fastdiff.kernels.group_norm.slices_per_group`` picks it below 2 programs per SM).
+- GroupNorm at batch 1 and 8, channels_last and contiguous: one program per (sample, group) against
+  the split-group path (``fastdiff.kernels.group_norm.slices_per_group`` picks it below 2 programs per SM).
 
 The ``fastdiff`` attention rows record the route the op took in ``extra_info["route"]``.
 
@@ -30,7 +30,8 @@ import os
 import pytest
 import torch
 
-from fastdiff import ops, reference
+from fastdiff import ops
+from fastdiff.ops import reference
 from fastdiff.ops.attention import flash_takes, route, sdpa_flash
 from fastdiff.ops.backend import kernel_path
 from fastdiff.schedulers import linear_schedule, step_table
@@ -153,7 +154,8 @@ def test_attention(benchmark, impl, dtype, shape):
 
 # (heads, positions, head dim) both the fastdiff kernel and FlashAttention-2 take, and D=512 (the
 # 256x256 DDPMs), which only the kernel takes.
-ROUTE_SHAPES = {"16x16-N256-D256": (1, 256, 256), "32x32-N1024-D64x4": (4, 1024, 64), "16x16-N256-D512": (1, 256, 512)}
+ROUTE_SHAPES = {"32x32-N1024-D64x4": (4, 1024, 64), "32x32-N1024-D128x2": (2, 1024, 128),
+                "16x16-N256-D256": (1, 256, 256), "16x16-N256-D512": (1, 256, 512)}
 
 
 @pytest.mark.gpu
@@ -179,24 +181,27 @@ def test_attention_routes(benchmark, impl, dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the split-group policy depends on the GPU's SM count")
 @pytest.mark.parametrize("path", ("one program per group", "split groups"))
+@pytest.mark.parametrize("layout", ("channels_last", "contiguous"))
 @pytest.mark.parametrize("batch", (1, 8))
 @pytest.mark.parametrize("shape", NORM_SHAPES.values(), ids=NORM_SHAPES.keys())
-def test_group_norm_split(benchmark, path, batch, shape):
+def test_group_norm_split(benchmark, path, layout, batch, shape):
     from fastdiff.kernels import group_norm as gn
 
-    benchmark.group = f"group_norm_silu paths ({batch}, {shape}) bf16 channels_last"
-    x = _randn(batch, *shape, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    benchmark.group = f"group_norm_silu paths ({batch}, {shape}) bf16 {layout}"
+    channels_last = layout == "channels_last"
+    x = _randn(batch, *shape, dtype=torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
     weight, bias = _randn(shape[0], dtype=torch.bfloat16), _randn(shape[0], dtype=torch.bfloat16)
     # sm_count=1: 32 groups are >= 2 programs per SM, so one program per group; a large count
     # makes the policy split every group into as many slices as it has tiles.
     sm_count = 1 if path == "one program per group" else 10**6
-    plan = gn.plan(batch, shape[0], shape[1] * shape[2], 32, 2, True, sm_count)
+    plan = gn.plan(batch, shape[0], shape[1] * shape[2], 32, 2, channels_last, sm_count)
     if path == "split groups" and plan.slices == 1:
         pytest.skip("a group of one tile is never split")
     out = gn.group_norm_silu(x, weight, bias, 32, 1e-6, True, sm_count=sm_count)
     _label(benchmark, "fastdiff", torch.bfloat16, x.shape)
-    policy = gn.plan(batch, shape[0], shape[1] * shape[2], 32, 2, True, gn.device_sm_count(DEVICE)).slices
-    benchmark.extra_info.update(timed=path, slices=plan.slices, policy_slices_on_this_gpu=policy)
+    policy = gn.plan(batch, shape[0], shape[1] * shape[2], 32, 2, channels_last, gn.device_sm_count(DEVICE)).slices
+    benchmark.extra_info.update(timed=path, layout=layout, slices=plan.slices, policy_slices_on_this_gpu=policy)
     _measure(benchmark, lambda: gn.group_norm_silu(x, weight, bias, 32, 1e-6, True, sm_count=sm_count),
              bytes_moved=_unique_bytes([x, weight, bias, out]))
 
