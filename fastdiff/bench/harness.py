@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.bench import environment, roofline
 from fastdiff.bench.paths import DEFAULT_PATHS, PATHS, BenchContext, BenchPath, PathSkipped, build_path, fastdiff_label
+from fastdiff.bench.report import SCHEMA
 from fastdiff.bench.telemetry import Telemetry, summarize
 from fastdiff.models.folders import load_model, random_init_model
 from fastdiff.models.unet import UNetConfig, preset_config
@@ -29,7 +30,6 @@ from fastdiff.sampling import draw_noise
 from fastdiff.schedulers import make_schedule, step_table
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-SCHEMA = "fastdiff-bench/1"
 
 
 @dataclass(frozen=True)
