@@ -28,7 +28,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fastdiff.bench import gpu_checks, gpu_stages
+import torch
+
+from fastdiff.bench import environment, gpu_checks, gpu_stages
 from fastdiff.files import atomic_write
 
 #: The issue's 8 minutes: the device tool runs one command for at most 10, and starting the machine
@@ -171,38 +173,17 @@ def run(out: Path, tiny: bool, only: tuple[str, ...] = (), budgets: dict[str, in
         parts: tuple[str, ...] = ()) -> int:
     """Run the stages (``only``: a subset, in plan order; ``budgets``: other limits; ``parts``: the e2e
     parts to run) into ``out``; returns 0 when every stage that ran passed."""
-    import torch
-
-    from fastdiff.bench import environment
-
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), list(os.getloadavg())
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     name_stem = stem(datetime.date.today().isoformat(), environment.device_slug(device))
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fastdiff-gpu-run-"))  # pytest's raw files, condensed into out
-    log = out / "log.txt"
-    records: list[StageRecord] = []
-    for stage in selected_stages(only, budgets):
-        print(f"[gpu_run] {stage.name}: up to {stage.budget_s} s - {stage.answers}", flush=True)
-        begin = time.perf_counter()
-        commands = _stage_commands(stage, out, work, name_stem, tiny, parts)
-        if stage.needs_gpu and not on_gpu:
-            status, code, reason = "skipped", None, f"no CUDA GPU: {stage.needs_gpu}"
-        elif isinstance(commands, str):
-            status, code, reason = "skipped", None, commands
-        else:
-            status, code, reason = _run_stage(stage, commands, log)
-        record = StageRecord(stage.name, stage.budget_s, status, round(time.perf_counter() - begin, 1), reason, code)
-        if stage.name in ("correctness", "kernels"):  # pytest wrote raw files: condense them into the stage JSON
-            gpu_stages.condense(stage.name, out, work, name_stem, record=asdict(record))
-        records.append(record)
-        print(f"[gpu_run] {stage.name}: {status} in {record.seconds:.0f} s {reason}".rstrip(), flush=True)
-
+    with tempfile.TemporaryDirectory(prefix="fastdiff-gpu-run-") as work:  # pytest's raw files, condensed into out
+        records = _run_stages(out, Path(work), name_stem, tiny, on_gpu, selected_stages(only, budgets), parts)
     run_info = {"schema": "fastdiff-gpu-run/1", "tiny": tiny, "device": device, "stem": name_stem,
                 "total_budget_s": TOTAL_BUDGET_S, "wall_s": round(time.perf_counter() - started, 1),
                 "stages": [asdict(r) for r in records], "plan": [asdict(s) for s in STAGES],
-                "loadavg_end": list(os.getloadavg())}
+                "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())}
     atomic_write(out / f"{name_stem}_run.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=1)))
     summary = gpu_stages.summary(out, name_stem, run_info)
     atomic_write(out / "summary.md", lambda tmp: tmp.write_text(summary))
@@ -211,6 +192,27 @@ def run(out: Path, tiny: bool, only: tuple[str, ...] = (), budgets: dict[str, in
     if extra:
         print(f"[gpu_run] note: {out} also holds {extra}: the device tool returns {MAX_FILES} files in all")
     return 0 if all(r.status in ("ok", "skipped") for r in records) else 1
+
+
+def _run_stages(out: Path, work: Path, name_stem: str, tiny: bool, on_gpu: bool, stages: list[Stage],
+                parts: tuple[str, ...]) -> list[StageRecord]:
+    records = []
+    for stage in stages:
+        print(f"[gpu_run] {stage.name}: up to {stage.budget_s} s - {stage.answers}", flush=True)
+        begin = time.perf_counter()
+        commands = _stage_commands(stage, out, work, name_stem, tiny, parts)
+        if stage.needs_gpu and not on_gpu:
+            status, code, reason = "skipped", None, f"no CUDA GPU: {stage.needs_gpu}"
+        elif isinstance(commands, str):
+            status, code, reason = "skipped", None, commands
+        else:
+            status, code, reason = _run_stage(stage, commands, out / "log.txt")
+        record = StageRecord(stage.name, stage.budget_s, status, round(time.perf_counter() - begin, 1), reason, code)
+        if stage.name in ("correctness", "kernels"):  # pytest wrote raw files: condense them into the stage JSON
+            gpu_stages.condense(stage.name, out, work, name_stem, record=asdict(record))
+        records.append(record)
+        print(f"[gpu_run] {stage.name}: {status} in {record.seconds:.0f} s {reason}".rstrip(), flush=True)
+    return records
 
 
 def dry_run(out: Path | None = None) -> int:

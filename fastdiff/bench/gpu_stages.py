@@ -23,6 +23,7 @@ from fastdiff.bench import environment, report, roofline
 from fastdiff.bench.harness import BenchSettings, run_bench
 from fastdiff.bench.telemetry import Telemetry
 from fastdiff.files import atomic_write
+from fastdiff.ops.attention import flash_takes
 
 #: Vendor datasheet peaks (dense), to put the measured ones in context: leads, not measurements.
 DATASHEET = {
@@ -56,10 +57,9 @@ def _nvidia_smi() -> str | None:
 
 def environment_stage(tiny: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment.collect(device)
-    env.update(telemetry=Telemetry(device).static(), nvidia_smi=_nvidia_smi(),
-               cuda_runtime=torch.version.cuda, slug=environment.device_slug(device),
-               datasheet=DATASHEET.get(environment.device_slug(device)))
+    env, slug = environment.collect(device), environment.device_slug(device)
+    env.update(telemetry=Telemetry(device).static(), nvidia_smi=_nvidia_smi(), cuda_runtime=torch.version.cuda,
+               slug=slug, datasheet=DATASHEET.get(slug))
     env["probes"] = {"copy": roofline.measure_bandwidth(device, quick=tiny),
                      "roof": {name: roofline.measure_roof(device, getattr(torch, name), quick=tiny)
                               for name in ("float32", "bfloat16")}}
@@ -222,8 +222,6 @@ def _median_ms(bench: dict) -> float:
 
 def attention_routes(ops: dict, capability: tuple[int, int] | None) -> list[dict]:
     """Per (head dim, dtype): the Triton kernel against SDPA-flash, and what the op routes there now."""
-    from fastdiff.ops.attention import flash_takes
-
     pairs: dict[tuple, dict] = {}
     for bench in ops.get("benchmarks", []):
         if not bench["name"].startswith("test_attention_routes"):
@@ -375,8 +373,8 @@ def summary(out: Path, name_stem: str, run_info: dict) -> str:
     env = read["environment"]
     lines = [f"# fastdiff GPU run: {name_stem}" + (" (tiny CPU check)" if run_info["tiny"] else ""), "",
              *_environment_lines(env), "",
-             f"Wall {run_info['wall_s']:.0f} s of a {run_info['total_budget_s']} s budget; load average at the end "
-             f"{run_info['loadavg_end'][0]:.2f}.", "",
+             f"Wall {run_info['wall_s']:.0f} s of a {run_info['total_budget_s']} s budget; load average (1 min) "
+             f"{run_info['loadavg_start'][0]:.2f} at the start, {run_info['loadavg_end'][0]:.2f} at the end.", "",
              "| stage | budget s | took s | status | reason |", "|---|---:|---:|---|---|"]
     lines += [f"| {r['name']} | {r['budget_s']} | {r['seconds']:.0f} | {r['status']} | {r['reason']} |"
               for r in run_info["stages"]]
