@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def environment_stage(tiny: bool) -> dict:
     env, slug = environment.collect(device), environment.device_slug(device)
     env.update(telemetry=Telemetry(device).static(), nvidia_smi=_nvidia_smi(), cuda_runtime=torch.version.cuda,
                slug=slug, datasheet=DATASHEET.get(slug))
+    if env["git"]["commit"] is None and os.environ.get("FASTDIFF_COMMIT"):  # the device tool's copy has no .git
+        env["git"] = {"commit": os.environ["FASTDIFF_COMMIT"], "dirty": None, "source": "FASTDIFF_COMMIT"}
     env["probes"] = {"copy": roofline.measure_bandwidth(device, quick=tiny),
                      "roof": {name: roofline.measure_roof(device, getattr(torch, name), quick=tiny)
                               for name in ("float32", "bfloat16")}}

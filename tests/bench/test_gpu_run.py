@@ -157,3 +157,12 @@ def test_bad_options_are_refused_in_one_line_naming_the_option(tmp_path, capsys,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_environment_stage_measures_the_probes_and_takes_the_commit_from_the_caller(monkeypatch):
+    monkeypatch.setattr(gpu_stages.environment, "git_commit", lambda: {"commit": None, "dirty": None})
+    monkeypatch.setenv("FASTDIFF_COMMIT", "abc123")  # the device tool's copy of the tree has no .git
+    env = gpu_stages.environment_stage(tiny=True)
+    assert env["git"] == {"commit": "abc123", "dirty": None, "source": "FASTDIFF_COMMIT"}
+    assert env["probes"]["copy"]["bytes_per_s"] > 0
+    assert set(env["probes"]["roof"]) == {"float32", "bfloat16"}
