@@ -26,12 +26,6 @@ from fastdiff.bench.telemetry import Telemetry
 from fastdiff.files import atomic_write
 from fastdiff.ops.attention import flash_takes
 
-#: Vendor datasheet peaks (dense), to put the measured ones in context: leads, not measurements.
-DATASHEET = {
-    "h200": {"bytes_per_s": 4.8e12, "float32": 67e12, "bfloat16": 989e12},
-    "h100": {"bytes_per_s": 3.35e12, "float32": 67e12, "bfloat16": 989e12},
-}
-
 
 def _write_json(path: Path, data: dict) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=str)))
@@ -60,7 +54,7 @@ def environment_stage(tiny: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env, slug = environment.collect(device), environment.device_slug(device)
     env.update(telemetry=Telemetry(device).static(), nvidia_smi=_nvidia_smi(), cuda_runtime=torch.version.cuda,
-               slug=slug, datasheet=DATASHEET.get(slug))
+               slug=slug, datasheet=roofline.DATASHEET.get(slug))
     if env["git"]["commit"] is None and os.environ.get("FASTDIFF_COMMIT"):  # the device tool's copy has no .git
         env["git"] = {"commit": os.environ["FASTDIFF_COMMIT"], "dirty": None, "source": "FASTDIFF_COMMIT"}
     env["probes"] = {"copy": roofline.measure_bandwidth(device, quick=tiny),

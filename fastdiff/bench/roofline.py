@@ -13,6 +13,13 @@ import torch.nn.functional as F
 
 from fastdiff.models.unet import SpatialSelfAttention
 
+#: Vendor datasheet peaks (dense; HBM bytes/s, FLOP/s by dtype name): leads to put measured figures in
+#: context, never measurements themselves.
+DATASHEET = {
+    "h100": {"bytes_per_s": 3.35e12, "float32": 67e12, "bfloat16": 989e12, "float16": 989e12},
+    "h200": {"bytes_per_s": 4.8e12, "float32": 67e12, "bfloat16": 989e12, "float16": 989e12},
+}
+
 #: Problem sizes of the probes: large enough to reach the device's steady throughput.
 #: "quick" keeps the CI smoke test fast; its roof is lower and the JSON records the sizes used.
 MATMUL_SIZE = {"cpu": 2048, "cuda": 8192, "quick": 512}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdiff.bench.roofline import DATASHEET
 from fastdiff.integrations.diffusers.accelerate import accelerate
 from fastdiff.models.unet import UNet, preset_config
 from fastdiff.ops import backend
@@ -32,8 +33,9 @@ from fastdiff.sampling.placement import placed
 from fastdiff.sampling.step import DenoiseStep
 from fastdiff.schedulers import ddpm_table, linear_schedule
 
-H100_BYTES_PER_S = 3.35e12
-H100_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}
+H100_BYTES_PER_S = DATASHEET["h100"]["bytes_per_s"]
+H100_FLOPS = {dtype: DATASHEET["h100"][str(dtype).removeprefix("torch.")]
+              for dtype in (torch.bfloat16, torch.float16, torch.float32)}
 ROUTES = ("torch.compile", "fastdiff")
 
 

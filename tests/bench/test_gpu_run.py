@@ -100,7 +100,7 @@ def test_thresholds_compare_the_measured_winner_with_the_routing_policy():
 
 def test_kernel_rows_give_the_percent_of_measured_and_datasheet_peaks():
     env = {"probes": {"copy": {"bytes_per_s": 4e12}, "roof": {"bfloat16": {"roof_tflops": 800.0}}},
-           "datasheet": gpu_stages.DATASHEET["h200"]}
+           "datasheet": gpu_stages.roofline.DATASHEET["h200"]}
     ops = {"benchmarks": [_bench("norm", 1.0, dtype="bfloat16", **{"GB/s": 2000.0}),
                           _bench("attn", 1.0, dtype="bfloat16", **{"TFLOP/s": 400.0})]}
     norm, attn = gpu_stages.kernel_rows(ops, env)
