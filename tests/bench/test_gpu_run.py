@@ -5,6 +5,8 @@ rows are read correctly from pytest-benchmark's JSON. No stage is timed here: th
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -166,3 +168,10 @@ def test_environment_stage_measures_the_probes_and_takes_the_commit_from_the_cal
     assert env["git"] == {"commit": "abc123", "dirty": None, "source": "FASTDIFF_COMMIT"}
     assert env["probes"]["copy"]["bytes_per_s"] > 0
     assert set(env["probes"]["roof"]) == {"float32", "bfloat16"}
+
+
+def test_run_sh_runs_the_module_from_any_folder(tmp_path):
+    done = subprocess.run(["bash", str(REPO / "benchmarks/gpu/run.sh"), str(tmp_path / "out"), "--only", "nope"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable, "FASTDIFF_WHEELS": str(tmp_path / "none")},
+                          timeout=120)
+    assert done.returncode == 2 and "gpu_run: --only: unknown stage(s) ['nope']" in done.stderr, done.stderr
