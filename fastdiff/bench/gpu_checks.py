@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +99,39 @@ def removed_stdlib_imports(root: Path = ROOT, folders=SOURCE_FOLDERS) -> list[st
     return problems
 
 
+_COMPILE_ALL = """
+import sys, warnings
+warnings.simplefilter('error', SyntaxWarning)  # 3.12 warns of invalid escape sequences
+for path in sys.argv[1:]:
+    try:
+        compile(open(path).read(), path, 'exec')
+    except (SyntaxError, SyntaxWarning) as e:
+        print(f'{path}: {type(e).__name__}: {e}')
+"""
+
+
+def _python312() -> str | None:
+    """A Python 3.12 interpreter that runs: on PATH, or one pyenv installed (its shim may not select it)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    for candidate in [shutil.which("python3.12"), *map(str, sorted(pyenv.glob("versions/3.12*/bin/python3.12")))]:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True, timeout=30).returncode == 0:
+            return candidate
+    return None
+
+
+def python312_syntax(root: Path = ROOT, folders=SOURCE_FOLDERS) -> tuple[str, list[str]]:
+    """(how checked, problems): every source file compiles under a Python 3.12 (the image's version),
+    its new SyntaxWarnings as errors; where there is none, only this interpreter's parser did."""
+    python312 = _python312()
+    if python312 is None:
+        return "not checked: no python3.12 here", []
+    files = [str(p) for folder in folders for p in sorted((root / folder).rglob("*.py"))]
+    done = subprocess.run([python312, "-c", _COMPILE_ALL, *files], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        return f"with {python312}", [f"{python312} failed: {done.stderr.strip()[-300:]}"]
+    return f"with {python312}", done.stdout.splitlines()
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
@@ -152,7 +187,9 @@ def size_problems() -> list[str]:
 def image_checks() -> list[tuple[str, list[str]]]:
     """(check, problems) for each check of the tree against the GPU image; empty problems: it passed."""
     import_problems, collect_problems = as_on_image()
+    how, syntax_problems = python312_syntax()
     return [
+        (f"every source file compiles as Python 3.12 ({how})", syntax_problems),
         (f"requirement floors vs the image ({IMAGE}; here {local_versions()})", version_problems()),
         ("no standard-library module Python 3.12 removed", removed_stdlib_imports()),
         ("every fastdiff module imports with PYTHONPATH=. and no diffusers/openvino", import_problems),

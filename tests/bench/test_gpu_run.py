@@ -48,6 +48,15 @@ def test_checks_name_a_requirement_the_image_lacks_and_a_removed_module(tmp_path
         "old.py:1: imports imp (removed in Python 3.12)", "old.py:2: imports distutils.version (removed in Python 3.12)"]
 
 
+def test_python_312_check_finds_what_the_image_would_refuse(tmp_path):
+    if gpu_checks._python312() is None:
+        pytest.skip("no Python 3.12 interpreter here")
+    (tmp_path / "ok.py").write_text("x = 1\n")
+    (tmp_path / "escape.py").write_text('pattern = "\\d+"\n')  # "\d": a SyntaxWarning from 3.12 on
+    how, problems = gpu_checks.python312_syntax(tmp_path, folders=(".",))
+    assert how.startswith("with ") and len(problems) == 1 and "escape.py" in problems[0] and "invalid escape sequence" in problems[0]
+
+
 def test_a_stage_killed_at_its_limit_leaves_the_later_stages_running(tmp_path, monkeypatch):
     stages = (Stage("environment", 1, "sleeps past its limit"), Stage("thresholds", 30, "writes its JSON"))
     monkeypatch.setattr(gpu_run, "STAGES", stages)
