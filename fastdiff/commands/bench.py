@@ -25,8 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "float32 (default: %(default)s)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--paths", default=",".join(PATH_NAMES),
-                        help="comma-separated paths to compare, of these and openvino (OpenVINO's default "
-                             "CPU settings; the optional openvino package) (default: %(default)s)")
+                        help="comma-separated paths to compare, of these, fastdiff-nographs (the Sampler without "
+                             "CUDA graphs) and openvino (OpenVINO's default CPU settings; the optional openvino "
+                             "package) (default: %(default)s)")
     parser.add_argument("--repeats", type=positive_int,
                         help="timed calls per path and batch after warm-up (default: 7 CPU, 10 GPU)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
