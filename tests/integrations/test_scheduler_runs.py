@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_diffusers_unet
 
 from fastdiff import accelerate
 from fastdiff.bench.scheduler_match import compare, smooth_model
-from tests.helpers import tiny_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
 
