@@ -257,7 +257,7 @@ def test_warmup_returns_seconds(model):
         (dict(method="dpmsolver"), ValueError, "sampler must be one of"),
         (dict(method="dpmsolver++", order=4), ValueError, "order must be 1, 2 or 3"),
         (dict(method="dpmsolver++", eta=0.5), ValueError, "eta applies to method 'ddim' only"),
-        (dict(method="ddpm", start=10), ValueError, "start must be an integer in"),
+        (dict(method="ddim", steps=5, start=5), ValueError, "start must be an integer in \\[0, 4\\]"),
         (dict(method="ddim", order=2), ValueError, "order applies to method"),
     ],
 )

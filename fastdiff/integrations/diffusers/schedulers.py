@@ -76,7 +76,8 @@ def _unsupported_dpmsolver(config) -> str | None:
 
 
 def _unsupported_euler(scheduler) -> str | None:
-    fused = EULER_PREDICTIONS if types.is_type(scheduler, "EulerDiscreteScheduler") else EULER_PREDICTIONS[:2]
+    ancestral = types.is_type(scheduler, "EulerAncestralDiscreteScheduler")
+    fused = ("epsilon", "v_prediction") if ancestral else EULER_PREDICTIONS  # its step raises for "sample"
     if scheduler.config.prediction_type not in fused:
         return f"prediction_type {scheduler.config.prediction_type!r} (fused: {', '.join(fused)})"
     return None
