@@ -12,12 +12,14 @@ SAMPLER_METHODS = {
     "dpm++3m": ("dpmsolver++", 3),
     "dpm++2m-sde": ("sde-dpmsolver++", 2),
     "dpm++3m-sde": ("sde-dpmsolver++", 3),
+    "euler": ("euler", None),
+    "euler-a": ("euler-ancestral", None),
 }
 SAMPLERS = tuple(SAMPLER_METHODS)
 #: Model dtypes by name (``getattr(torch, name)``), --dtype of the commands.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-#: Default --steps: DDIM 50, DPM-Solver++ 20 (diffusers' usual settings); DDPM runs all T.
-DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20}
+#: Default --steps: DDIM 50, DPM-Solver++ 20, Euler 30 (diffusers' usual settings); DDPM runs all T.
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20, "euler": 30, "euler-ancestral": 30}
 
 
 def sampler_kwargs(name: str) -> dict:

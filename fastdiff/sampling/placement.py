@@ -8,33 +8,48 @@ import torch
 import torch.nn as nn
 
 from fastdiff.integrations.diffusers import types
-from fastdiff.integrations.diffusers.schedulers import table_from_scheduler
+from fastdiff.integrations.diffusers.schedulers import FUSED_SCHEDULERS, is_fused_scheduler, table_from_scheduler
 from fastdiff.models.folders import SCHEDULE_ATTRIBUTE
 from fastdiff.schedulers import NoiseSchedule, StepTable, linear_schedule, step_table
 
 
-def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module) -> StepTable:
-    """The StepTable of a Sampler's ``schedule`` argument (see :class:`~fastdiff.sampling.Sampler`)."""
+def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module, start: int = 0) -> StepTable:
+    """The StepTable of a Sampler's ``schedule`` argument (see :class:`~fastdiff.sampling.Sampler`),
+    for the run from step ``start`` of ``steps``."""
     if isinstance(schedule, StepTable):
-        if (method, steps, eta, order) != (None, None, 0.0, None):
-            raise ValueError("pass method/steps/eta/order or a ready StepTable as schedule, not both")
+        if (method, steps, eta, order, start) != (None, None, 0.0, None, 0):
+            raise ValueError("pass method/steps/eta/order/start or a ready StepTable as schedule, not both")
         return schedule
-    if types.is_type(schedule, "DDPMScheduler", "DDIMScheduler"):
-        kind = "ddim" if types.is_type(schedule, "DDIMScheduler") else "ddpm"
+    if is_fused_scheduler(schedule):
+        kind = scheduler_method(schedule)
         if method not in (None, kind):
             raise ValueError(f"method {method!r} does not match the {type(schedule).__name__} passed as schedule")
         if eta and kind != "ddim":
-            raise ValueError("eta applies to a DDIMScheduler only")
-        return table_from_scheduler(schedule, steps=steps, eta=eta)
+            raise ValueError(f"eta applies to a DDIMScheduler only, not a {type(schedule).__name__}")
+        if order is not None:
+            raise ValueError(f"order: a {type(schedule).__name__} passed as schedule brings its own "
+                             "(DPMSolverMultistepScheduler's solver_order); leave order unset")
+        return table_from_scheduler(schedule, steps=steps, eta=eta, start=start)
     if schedule is None:
         schedule = getattr(model, SCHEDULE_ATTRIBUTE, None) or linear_schedule()
     if not isinstance(schedule, NoiseSchedule):
-        raise TypeError("schedule must be a diffusers DDPMScheduler/DDIMScheduler, a NoiseSchedule, a StepTable "
+        raise TypeError(f"schedule must be a diffusers {', '.join(FUSED_SCHEDULERS)}, a NoiseSchedule, a StepTable "
                         f"or None, got {type(schedule).__name__}")
     method = method or "ddpm"
     if order is not None and not method.endswith("dpmsolver++"):
         raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
-    return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order)
+    if eta and method != "ddim":
+        raise ValueError(f"eta applies to method 'ddim' only, not {method!r}")
+    return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order, start=start)
+
+
+def scheduler_method(scheduler) -> str:
+    """The fastdiff method name of a diffusers scheduler :func:`table_from_scheduler` reproduces."""
+    if types.is_type(scheduler, "DPMSolverMultistepScheduler"):
+        return scheduler.config.algorithm_type
+    names = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+             "EulerAncestralDiscreteScheduler": "euler-ancestral"}
+    return names[type(scheduler).__name__]
 
 
 def resolve_device(device) -> torch.device:

@@ -52,7 +52,7 @@ from fastdiff.sampling.loop import run_steps
 from fastdiff.sampling.noise import ExternalNoise, draw_noise
 from fastdiff.sampling.placement import make_table, model_device, resolve_device
 from fastdiff.sampling.step import DenoiseStep, DiffusersEps
-from fastdiff.schedulers import NoiseSchedule, StepTable
+from fastdiff.schedulers import DEFAULT_SPACINGS, NoiseSchedule, StepTable
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -60,17 +60,24 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Sampler:
     """The accelerated sampler. ``schedule`` says which update runs:
 
-    - a diffusers ``DDPMScheduler`` / ``DDIMScheduler``: its own step, settings and all
-      (clip_sample, variance_type, set_alpha_to_one, timestep_spacing, steps_offset); ``steps``
-      defaults to its ``num_inference_steps``, ``method`` follows its type. Settings no table
-      reproduces (another prediction_type, thresholding, learned variance) raise ValueError;
+    - a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` /
+      ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler``: its own step, settings and
+      all (clip_sample, variance_type, set_alpha_to_one, timestep_spacing, steps_offset, the
+      solver's order and options); ``steps`` defaults to its ``num_inference_steps``, ``method``
+      follows its type. Settings no table reproduces (thresholding, a learned variance, Euler's
+      fractional timesteps, ...) raise ValueError naming them;
     - a NoiseSchedule, turned into a table by ``method``/``steps``/``eta``/``order`` as
       :func:`fastdiff.schedulers.step_table` does (``method`` default "ddpm"; "dpmsolver++" or
-      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep);
+      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep; "euler", "euler-ancestral").
+      ``eta`` is DDIM's and ``order`` DPM-Solver++'s: given for another method they raise;
     - a ready StepTable;
     - None: the schedule the model was loaded with (``fastdiff.load_model`` sets
       ``model.fastdiff_schedule``), else linear with T = 1000 -- with a warning for a diffusers
       UNet, whose scheduler the sampler cannot see.
+
+    ``start`` (img2img, diffusers' ``set_begin_index(start)``): the run covers steps start..S-1
+    of the ``steps``, multistep orders counted from its first step as diffusers counts them;
+    pass the noised image at that step as ``sample(noise=ExternalNoise(x_T=..., ...))``.
 
     ``engine`` (when compiling): "inductor" (torch.compile), "openvino" (CPU only, the optional
     ``openvino`` package: the plain model converted and run by OpenVINO in ``dtype``'s precision,
@@ -90,6 +97,7 @@ class Sampler:
         steps: int | None = None,
         eta: float = 0.0,
         order: int | None = None,
+        start: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         compile: bool | str = AUTO,
@@ -109,11 +117,11 @@ class Sampler:
         self.device = resolve_device(device if device is not None else model_device(model))
         self.dtype = dtype
         self.notes: list[str] = []
+        self.table = make_table(schedule, method, steps, eta, order, model, start).to(self.device)
         if schedule is None and types.is_unet(model) and getattr(model, SCHEDULE_ATTRIBUTE, None) is None:
-            self._note("no schedule given for a diffusers UNet: sampling with a linear schedule, T = 1000, "
-                       "leading spacing, no clipping; pass schedule=<the pipeline's DDPMScheduler/DDIMScheduler> "
-                       "to sample as that pipeline does")
-        self.table = make_table(schedule, method, steps, eta, order, model).to(self.device)
+            self._note(f"no schedule given for a diffusers UNet: sampling with a linear schedule, T = 1000, "
+                       f"{DEFAULT_SPACINGS[self.table.method]} spacing, no clipping; pass schedule=<the pipeline's "
+                       "scheduler> to sample as that pipeline does")
         self.image_shape = tuple(image_shape) if image_shape is not None else placement.image_shape(model)
         self.class_conditioned = placement.class_conditioned(model)
         self.kernels = backend.kernel_path(self.device)

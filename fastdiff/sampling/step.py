@@ -30,7 +30,7 @@ class DenoiseStep(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x_t, step_index, noise=None, rng=None, class_labels=None, history=None) -> torch.Tensor:
-        if self.method.startswith("sde") and noise is None and rng is None:
+        if self.method in ("sde-dpmsolver++", "euler-ancestral") and noise is None and rng is None:
             raise ValueError(f"noise: the {self.method} step draws noise; pass noise or rng")
         t = self.timesteps.index_select(0, step_index.reshape(1)).expand(x_t.shape[0])
         x_in = x_t.to(dtype=self.model_dtype, memory_format=self.memory_format)

@@ -1,5 +1,5 @@
 """The diffusion maths: noise schedules, the StepTable every sampler reads, one module per
-method (DDPM, DDIM, DPM-Solver++) and :func:`step_table`, the one entry that picks a method.
+method (DDPM, DDIM, DPM-Solver++, Euler) and :func:`step_table`, the one entry that picks a method.
 
 May import: torch, numpy and its own modules. No method module imports this package back.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastdiff.schedulers.ddim import ddim_table
 from fastdiff.schedulers.ddpm import DDPM_FORMS, DDPM_VARIANCES, ddpm_table
 from fastdiff.schedulers.dpmsolver import dpmsolver_table
+from fastdiff.schedulers.euler import EULER_METHODS, euler_table
 from fastdiff.schedulers.schedules import (
     MAX_TIMESTEPS,
     SCHEDULES,
@@ -20,11 +21,15 @@ from fastdiff.schedulers.schedules import (
 )
 from fastdiff.schedulers.timesteps import TIMESTEP_SPACINGS, leading_timesteps, spaced_timesteps
 
-METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", *EULER_METHODS)
+#: The timestep spacing :func:`step_table` gives each method (diffusers' default for its scheduler;
+#: DPM-Solver++'s linspace is over S + 1 points, Euler's rounded to integer timesteps).
+DEFAULT_SPACINGS = {"ddpm": "leading", "ddim": "leading", "dpmsolver++": "linspace", "sde-dpmsolver++": "linspace",
+                    "euler": "linspace", "euler-ancestral": "linspace"}
 
 __all__ = [
-    "DDPM_FORMS", "DDPM_VARIANCES", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS", "TIMESTEP_SPACINGS",
-    "NoiseSchedule", "StepTable", "cosine_schedule", "ddim_table", "ddpm_table", "dpmsolver_table",
+    "DDPM_FORMS", "DDPM_VARIANCES", "DEFAULT_SPACINGS", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS", "TIMESTEP_SPACINGS",
+    "NoiseSchedule", "StepTable", "cosine_schedule", "ddim_table", "ddpm_table", "dpmsolver_table", "euler_table",
     "leading_timesteps", "linear_schedule", "make_schedule", "spaced_timesteps", "step_table",
 ]
 
@@ -37,14 +42,22 @@ def step_table(
     variance: str = "fixed_large",
     clip_sample: bool | None = None,
     order: int = 2,
+    start: int = 0,
 ) -> StepTable:
-    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, or
+    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``,
     DPM-Solver++ of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"`` (20 steps by default,
-    diffusers' defaults otherwise: see :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table`)."""
+    diffusers' defaults otherwise: see :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table`), or
+    ``"euler"`` / ``"euler-ancestral"`` (30 steps by default, :func:`~fastdiff.schedulers.euler.euler_table`).
+    ``start``: the table of a run that begins at step ``start`` of the ``steps`` (img2img)."""
     if method in ("dpmsolver++", "sde-dpmsolver++"):
-        return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method)
+        return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method,
+                               start=start)
     if method == "ddpm":
-        return ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
-    if method == "ddim":
-        return ddim_table(schedule, steps=50 if steps is None else steps, eta=eta, clip_sample=bool(clip_sample))
-    raise ValueError(f"sampler must be one of {METHODS}, got {method!r}")
+        table = ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
+    elif method == "ddim":
+        table = ddim_table(schedule, steps=50 if steps is None else steps, eta=eta, clip_sample=bool(clip_sample))
+    elif method in EULER_METHODS:
+        table = euler_table(schedule, steps=30 if steps is None else steps, method=method)
+    else:
+        raise ValueError(f"sampler must be one of {METHODS}, got {method!r}")
+    return table.tail(start) if start else table

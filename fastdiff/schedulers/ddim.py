@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, abar_pairs
+from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, abar_pairs, x0_coefs
 from fastdiff.schedulers.timesteps import spaced_timesteps
 
 
@@ -38,5 +38,5 @@ def ddim_table(
         mean = (abar_prev.sqrt() - scale * abar.sqrt(), scale, zeros)
     else:
         mean = (abar_prev.sqrt(), zeros, direction)
-    coefs = torch.stack([1.0 / abar.sqrt(), (1.0 - abar).sqrt() / abar.sqrt(), *mean, sigma], dim=1).float()
+    coefs = torch.stack([*x0_coefs(abar, clip is not None), *mean, sigma], dim=1).float()
     return StepTable("ddim", timesteps, coefs, clip)

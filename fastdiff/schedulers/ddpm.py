@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, abar_pairs
+from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, abar_pairs, x0_coefs
 from fastdiff.schedulers.timesteps import spaced_timesteps
 
 DDPM_VARIANCES = ("fixed_large", "fixed_small")
@@ -43,8 +43,6 @@ def ddpm_table(
     sigma = (beta if variance == "fixed_large" else beta_tilde).sqrt()
     sigma = torch.where(timesteps > 0, sigma, torch.zeros_like(sigma))
 
-    x0_from_xt = 1.0 / abar.sqrt()
-    x0_from_eps = (1.0 - abar).sqrt() / abar.sqrt()
     zeros = torch.zeros_like(abar)
     if form == "ho":
         clip = clip_range if clip_sample else None
@@ -55,5 +53,5 @@ def ddpm_table(
     else:
         clip = clip_range if (clip_sample is None or clip_sample) else None
         mean = (abar_prev.sqrt() * beta / (1.0 - abar), alpha.sqrt() * (1.0 - abar_prev) / (1.0 - abar), zeros)
-    coefs = torch.stack([x0_from_xt, x0_from_eps, *mean, sigma], dim=1).float()
+    coefs = torch.stack([*x0_coefs(abar, clip is not None), *mean, sigma], dim=1).float()
     return StepTable("ddpm", timesteps, coefs, clip)

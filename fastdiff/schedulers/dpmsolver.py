@@ -12,6 +12,11 @@ form), so it is a row of the table-driven step with history columns::
 sigmas and order schedule follow ``diffusers.DPMSolverMultistepScheduler`` (``set_timesteps``
 and ``step``): linspace/leading/trailing spacing, Karras sigmas, final sigma 0 or sigma_min,
 lower_order_final, midpoint/heun second order. Rows are computed in float64, stored float32.
+
+A run that starts part-way (img2img: ``set_begin_index(k)`` or a loop over ``timesteps[k:]``)
+restarts the history: diffusers counts ``lower_order_nums`` from 0 at the run's first step, so
+its first step is first order whatever k is. ``start=k`` gives the table of that run: steps
+k..S-1, orders counted from k, to be run from a zeroed history.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from fastdiff.schedulers.schedules import NoiseSchedule, StepTable
+from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, check_start
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -46,9 +51,11 @@ def dpmsolver_table(
     lower_order_final: bool = True,
     euler_at_final: bool = False,
     lambda_min_clipped: float = -math.inf,
+    start: int = 0,
 ) -> StepTable:
     """The table of ``DPMSolverMultistepScheduler(solver_order=order, algorithm_type=algorithm,
-    ...)`` after ``set_timesteps(steps)``; coefs are (S, 6 + order - 1).
+    ...)`` after ``set_timesteps(steps)``, for the run from step ``start`` (``set_begin_index(start)``)
+    to the end; coefs are (S - start, 6 + order - 1).
 
     ``round_karras_timesteps``: diffusers rounds Karras timesteps except for its cosine
     ("squaredcos_cap_v2") schedule, where it truncates them.
@@ -61,12 +68,14 @@ def dpmsolver_table(
     sigma = sigmas * alpha
     lam = alpha.log() - sigma.log()  # +inf at a final sigma of 0
     num = timesteps.shape[0]
-    coefs = torch.zeros((num, 6 + order - 1), dtype=torch.float64)
-    for i in range(num):
-        coefs[i, 0:2] = torch.tensor(_data_prediction(prediction, float(alpha[i]), float(sigma[i])))
-        step_order = _step_order(i, num, order, final_sigmas, lower_order_final, euler_at_final)
-        coefs[i, 2:] = _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
-    return StepTable(algorithm, timesteps, coefs.float(), None)
+    check_start(start, num)
+    coefs = torch.zeros((num - start, 6 + order - 1), dtype=torch.float64)
+    for i in range(start, num):
+        row = coefs[i - start]
+        row[0:2] = torch.tensor(_data_prediction(prediction, float(alpha[i]), float(sigma[i])))
+        step_order = _step_order(i, num, order, i - start, final_sigmas, lower_order_final, euler_at_final)
+        row[2:] = _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
+    return StepTable(algorithm, timesteps[start:], coefs.float(), None)
 
 
 def dpmsolver_sigmas(
@@ -127,13 +136,15 @@ def _data_prediction(prediction: str, alpha: float, sigma: float) -> tuple[float
     return 0.0, -1.0
 
 
-def _step_order(i: int, num: int, order: int, final_sigmas: str, lower_order_final: bool, euler_at_final: bool) -> int:
-    """The order ``DPMSolverMultistepScheduler.step`` uses at step ``i`` of ``num``."""
+def _step_order(i: int, num: int, order: int, done: int, final_sigmas: str, lower_order_final: bool,
+                euler_at_final: bool) -> int:
+    """The order ``DPMSolverMultistepScheduler.step`` uses at step ``i`` of ``num``, ``done``
+    steps after the run's first (its ``lower_order_nums``, capped at the order, counts them)."""
     final = i == num - 1 and (euler_at_final or (lower_order_final and num < 15) or final_sigmas == "zero")
     second = i == num - 2 and lower_order_final and num < 15
-    if order == 1 or i < 1 or final:
+    if order == 1 or done < 1 or final:
         return 1
-    if order == 2 or i < 2 or second:
+    if order == 2 or done < 2 or second:
         return 2
     return 3
 
@@ -193,5 +204,3 @@ def _check_options(schedule, steps, order, algorithm, solver_type, prediction, s
     T = schedule.num_timesteps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in [1, {T}], got {steps!r}")
-    if order > steps:
-        raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")

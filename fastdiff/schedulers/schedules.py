@@ -138,6 +138,39 @@ class StepTable:
     def to(self, device) -> "StepTable":
         return StepTable(self.method, self.timesteps.to(device), self.coefs.to(device), self.clip)
 
+    def tail(self, start: int) -> "StepTable":
+        """Steps ``start``.. of a one-step method's table (DDPM, DDIM, Euler: no row depends on
+        where the run began). Multistep tables restart their order count: build them with ``start``."""
+        check_start(start, self.num_steps)
+        if self.history_size:
+            raise ValueError(f"a {self.method} table's orders count from the run's first step: build it with start=")
+        return StepTable(self.method, self.timesteps[start:], self.coefs[start:], self.clip)
+
+
+def check_start(start: int, num_steps: int) -> None:
+    """``start``: the step a partial run (img2img, ``set_begin_index``) begins at."""
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < num_steps:
+        raise ValueError(f"start must be an integer in [0, {num_steps - 1}] (steps of the run), got {start!r}")
+
+
+#: x0's scale at abar = 0 when x0 is clipped: a power of two, so c * x_t - c * eps is exactly
+#: c * (x_t - eps) (no overflow below |x| = 2^27) and clips to +-clip_range wherever |x_t - eps| > 2^-100.
+ZERO_SNR_X0_SCALE = 2.0**100
+
+
+def x0_coefs(abar: torch.Tensor, clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c0, c1) with x0 = c0 * x_t - c1 * eps = (x_t - sqrt(1 - abar) eps) / sqrt(abar).
+
+    At abar = 0 (zero terminal SNR: diffusers' ``rescale_betas_zero_snr``) diffusers divides by 0
+    and, with clip_sample, clips x0 = +-inf to +-clip_range; inf * x_t - inf * eps would be NaN
+    wherever x_t and eps share a sign, so a clipped table uses :data:`ZERO_SNR_X0_SCALE` there.
+    Unclipped, diffusers' x0 is infinite and so is the table's (inf coefficients)."""
+    c0, c1 = 1.0 / abar.sqrt(), (1.0 - abar).sqrt() / abar.sqrt()
+    if clip:
+        c0 = torch.where(abar == 0, ZERO_SNR_X0_SCALE, c0)
+        c1 = torch.where(abar == 0, ZERO_SNR_X0_SCALE, c1)
+    return c0, c1
+
 
 def abar_pairs(schedule: NoiseSchedule, timesteps: torch.Tensor, prev: torch.Tensor, final_abar: float):
     """abar at each step's timestep and at the timestep ``prev`` it steps to (final_abar where

@@ -215,7 +215,7 @@ def test_settings_resolve_defaults_per_device():
     resolved = harness.BenchSettings(device="cpu").resolved()
     assert resolved.batches == harness.DEFAULTS["cpu"].batches and resolved.steps == harness.DEFAULTS["cpu"].steps
     with pytest.raises(ValueError, match="sampler"):
-        harness.BenchSettings(device="cpu", sampler="euler").resolved()
+        harness.BenchSettings(device="cpu", sampler="heun").resolved()
     with pytest.raises(TypeError, match="batch"):
         harness.BenchSettings(device="cpu", batches=(1.5,)).resolved()
     with pytest.raises(ValueError, match="threads"):

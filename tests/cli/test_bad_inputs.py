@@ -153,7 +153,7 @@ CLI_ROWS = {
     "sample batch x": (["sample", "--batch", "x"], "--batch: expected an integer"),
     "sample out under a file": (["sample", "--out", "{file}/sub"], "is a file, not a folder"),
     "sample out is a file": (["sample", "--out", "{file}"], "exists and is not a folder"),
-    "sample sampler euler": (["sample", "--sampler", "euler"], "invalid choice: 'euler'"),
+    "sample sampler heun": (["sample", "--sampler", "heun"], "invalid choice: 'heun'"),
     "sample device tpu": (["sample", "--device", "tpu"], "--device must be cpu, cuda"),
     "sample model missing": (["sample", "--model", "{tmp}/nowhere"], "--model: model folder"),
     "train lr inf": (["train", "--lr", "inf"], "--lr: must be a finite number"),

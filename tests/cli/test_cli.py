@@ -63,8 +63,8 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
     assert difference.max() <= 1  # uint8 rounding of values that agree to ~1e-6
 
 
-@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m-sde"])
-def test_sample_with_dpm_solver(tmp_path, capsys, sampler):
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m-sde", "euler", "euler-a"])
+def test_sample_with_dpm_solver_and_euler(tmp_path, capsys, sampler):
     out = tmp_path / "out"
     assert main(["sample", "--config", "tiny", "--sampler", sampler, "--steps", "3", "--batch", "2", "--no-progress",
                  "--out", str(out)]) == 0
@@ -77,7 +77,7 @@ def _tiny(*extra: str) -> list[str]:
 
 
 BAD_SAMPLE_ARGS = {
-    "unknown sampler": (_tiny("--sampler", "euler"), "invalid choice: 'euler'"),
+    "unknown sampler": (_tiny("--sampler", "heun"), "invalid choice: 'heun'"),
     "steps 0": (_tiny("--steps", "0"), "--steps: must be >= 1"),
     "dtype without accelerate": (_tiny("--dtype", "bfloat16"), "--dtype applies with --accelerate only"),
     "steps not a number": (_tiny("--steps", "ten"), "--steps: expected an integer"),
@@ -86,7 +86,7 @@ BAD_SAMPLE_ARGS = {
     "nan eta": (_tiny("--eta", "nan"), "--eta: must be a finite number"),
     "eta with ddpm": (_tiny("--sampler", "ddpm", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
     "eta with dpm++": (_tiny("--sampler", "dpm++2m", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
-    "order above steps": (_tiny("--sampler", "dpm++3m", "--steps", "2"), "order 3 needs at least 3 steps"),
+    "eta with euler-a": (_tiny("--sampler", "euler-a", "--eta", "0.5"), "--eta applies to --sampler ddim only"),
     "batch 0": (_tiny("--batch", "0"), "--batch: must be >= 1"),
     "unknown device": (_tiny("--device", "tpu"), "--device must be cpu, cuda"),
     "unknown preset": (["sample", "--config", "huge"], "invalid choice: 'huge'"),

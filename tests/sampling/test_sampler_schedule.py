@@ -5,12 +5,12 @@ import torch
 from helpers import assert_within_2x_of_torch, tiny_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from fastdiff.commands.verify import fp64_trajectory
 from fastdiff.models.folders import load_model, save_model
 from fastdiff.models.unet import UNet, UNetConfig
-from fastdiff.sampling import draw_noise, sample_reference
+from fastdiff.sampling import ExternalNoise, draw_noise, sample_reference
 from fastdiff.sampling.sampler import Sampler
 from fastdiff.sampling.step import DiffusersEps
 from fastdiff.schedulers import cosine_schedule, ddpm_table, step_table
@@ -96,3 +96,71 @@ def test_model_folder_schedule_is_the_default(tmp_path):
     assert torch.equal(sampler.sample(noise=noise), sample_reference(model, table, noise=noise))
     assert Sampler(model, compile=False).table.num_steps == 200  # DDPM over the folder's T
     assert torch.equal(Sampler(model, compile=False).table.coefs, ddpm_table(cosine_schedule(200)).coefs)
+
+
+def diffusers_partial_loop(unet, scheduler, steps, start, x, noise_at, generator=None):
+    """img2img's loop from step ``start``: set_begin_index, scale_model_input, step (DPM-Solver++
+    with ``noise_at(i)`` as variance_noise; Euler with ``generator``)."""
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(start)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps[start:]):
+            out = unet(scheduler.scale_model_input(x, t), t).sample
+            if hasattr(scheduler.config, "solver_order"):
+                x = scheduler.step(out, t, x, variance_noise=noise_at(i)).prev_sample
+            else:
+                x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("algorithm, order, start", [("dpmsolver++", 3, 4), ("sde-dpmsolver++", 2, 3),
+                                                      ("dpmsolver++", 2, 0)])
+def test_sampler_runs_a_dpmsolver_scheduler_from_step_k(unet, algorithm, order, start):
+    """Sampler(schedule=DPMSolverMultistepScheduler) (a TypeError before), and start=k as
+    set_begin_index(k): orders counted from the run's first step, history empty there."""
+    config = dict(solver_order=order, algorithm_type=algorithm)
+    sampler = Sampler(unet, schedule=DPMSolverMultistepScheduler(**config), steps=STEPS, start=start, compile=False)
+    assert sampler.table.num_steps == STEPS - start
+    noise = draw_noise(sampler.table, (2, 3, 8, 8), seed=0)
+    theirs = diffusers_partial_loop(unet, DPMSolverMultistepScheduler(**config), STEPS, start, noise.x_T.clone(),
+                                    lambda i: noise.z[i])
+    truth = fp64_trajectory(DiffusersEps(unet), sampler.table, noise)
+    assert_within_2x_of_torch(sampler.sample(noise=noise), theirs, truth, "sampler vs DPMSolverMultistepScheduler")
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("start", [0, 3])
+def test_sampler_euler_in_vp_coordinates_is_diffusers_euler(unet, name, start):
+    """The Sampler's Euler rows act on x = x_s / sqrt(1 + sigma^2) (no model-input scaling); from
+    the same start, diffusers' x_s / sqrt(1 + sigma_start^2) is the Sampler's x. Euler Ancestral's
+    z is what diffusers' step draws from the generator, one draw per step."""
+    scheduler = getattr(diffusers, name)(timestep_spacing="trailing")
+    sampler = Sampler(unet, schedule=scheduler, steps=STEPS, start=start, compile=False)
+    scheduler.set_timesteps(STEPS)
+    assert torch.equal(sampler.table.timesteps, scheduler.timesteps[start:].long())
+    shape = (2, 3, 8, 8)
+    generator = torch.Generator().manual_seed(1)
+    z = torch.stack([torch.randn(shape, generator=generator) for _ in range(STEPS - start)])
+    noise = ExternalNoise(torch.randn(shape, generator=torch.Generator().manual_seed(0)), z)
+    scale = (scheduler.sigmas[start] ** 2 + 1) ** 0.5
+    theirs = diffusers_partial_loop(unet, scheduler, STEPS, start, noise.x_T * scale, None,
+                                    torch.Generator().manual_seed(1))
+    truth = fp64_trajectory(DiffusersEps(unet), sampler.table, noise)
+    assert_within_2x_of_torch(sampler.sample(noise=noise), theirs, truth, f"sampler vs {name}")
+
+
+def test_euler_scheduler_with_fractional_timesteps_is_refused(unet):
+    with pytest.raises(ValueError, match="timesteps are fractional.*'linspace'"):
+        Sampler(unet, schedule=diffusers.EulerDiscreteScheduler(), steps=STEPS, compile=False)
+
+
+def test_settings_a_scheduler_brings_are_not_overridden(unet):
+    with pytest.raises(ValueError, match="order: a DDIMScheduler passed as schedule brings its own"):
+        Sampler(unet, schedule=DDIMScheduler(), order=2, compile=False)
+    with pytest.raises(ValueError, match="eta applies to a DDIMScheduler only"):
+        Sampler(unet, schedule=DPMSolverMultistepScheduler(), eta=0.5, compile=False)
+
+
+def test_note_names_the_spacing_the_table_uses(unet):
+    with pytest.warns(RuntimeWarning, match="linspace spacing"):
+        Sampler(unet, method="dpmsolver++", steps=4, compile=False)

@@ -99,7 +99,7 @@ def test_bad_schedule_arguments(bad):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda s: step_table(s, "euler"), "sampler"),
+        (lambda s: step_table(s, "heun"), "sampler"),
         (lambda s: step_table(s, "ddim", steps=0), "steps"),
         (lambda s: step_table(s, "ddpm", steps=T + 1), "steps"),
         (lambda s: step_table(s, "ddim", eta=-0.1), "eta"),

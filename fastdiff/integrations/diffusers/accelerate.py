@@ -4,7 +4,8 @@ Accepted objects:
 
 - fastdiff's :class:`~fastdiff.models.unet.UNet`, a diffusers ``UNet2DModel`` (plain, with
   ``AttnDownBlock2D``/``AttnUpBlock2D``, class-conditioned), or any other ``nn.Module``;
-- a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler``;
+- a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` /
+  ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` (the README's scheduler table);
 - a diffusers pipeline holding a ``unet`` and a ``scheduler`` (``DDPMPipeline``, ``DDIMPipeline``).
 
 What is replaced (see :mod:`~fastdiff.integrations.diffusers.modules`): each GroupNorm -> SiLU
@@ -13,7 +14,8 @@ the same op without SiLU, the attention core by ``fastdiff.ops.attention``, and 
 ``step`` by ``fastdiff.ops.sampler_step`` on a :class:`~fastdiff.schedulers.StepTable` built
 from the scheduler's own config (:mod:`~fastdiff.integrations.diffusers.schedulers`). Anything
 else is left as it is; the returned object's ``fastdiff_report`` (an
-:class:`AccelerationReport`) lists what was replaced and what was not.
+:class:`AccelerationReport`) lists what was replaced and what was not, and for a scheduler how
+many steps ran fused and how many ran diffusers' own step, and why (read when printed).
 
 The report is on the *returned* object (``fast = accelerate(model); print(fast.fastdiff_report)``);
 with ``inplace=True`` that is ``obj`` itself.
@@ -41,18 +43,17 @@ from fastdiff.integrations.diffusers.modules import (
     fused_resnet_block_class,
 )
 from fastdiff.integrations.diffusers.schedulers import (
-    FusedDPMSolverStep,
-    FusedSchedulerStep,
+    FUSED_SCHEDULERS,
     FusedStep,
+    fused_step_for,
     is_fused_scheduler,
-    is_multistep,
     unsupported_reason,
 )
 from fastdiff.models.unet import GroupNormAct, SpatialSelfAttention
 
 ACCEPTED = (
     "a torch.nn.Module (fastdiff UNet, diffusers UNet2DModel, ...), "
-    "a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler, "
+    f"a diffusers {', '.join(FUSED_SCHEDULERS)}, "
     "or a diffusers pipeline with a unet and a scheduler (DDPMPipeline, DDIMPipeline)"
 )
 #: Replacement kinds counted by :class:`AccelerationReport`.
@@ -61,11 +62,14 @@ KINDS = ("group_norm_silu", "group_norm", "attention", "scheduler_step")
 
 @dataclass
 class AccelerationReport:
-    """What :func:`accelerate` replaced (``replaced``: (path, kind) pairs) and what it left as
-    it was, with the reason (``left_alone``: (path, reason) pairs)."""
+    """What :func:`accelerate` replaced (``replaced``: (path, kind) pairs), what it left as
+    it was, with the reason (``left_alone``: (path, reason) pairs), and the installed scheduler
+    steps (``steps``: path -> :class:`~fastdiff.integrations.diffusers.schedulers.FusedStep`, whose
+    counters say which steps really ran fused)."""
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
     left_alone: list[tuple[str, str]] = field(default_factory=list)
+    steps: dict[str, FusedStep] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -80,6 +84,7 @@ class AccelerationReport:
         counts = ", ".join(f"{n} {kind}" for kind, n in self.counts.items() if n) or "nothing"
         lines = [f"fastdiff.accelerate replaced {counts}"]
         lines += [f"  left alone: {path}: {reason}" for path, reason in self.left_alone]
+        lines += [f"  {path}.step so far: {step.counts()}" for path, step in self.steps.items()]
         return "\n".join(lines)
 
 
@@ -211,5 +216,6 @@ def _accelerate_scheduler(scheduler, path: str, report: AccelerationReport) -> N
         report.left_alone.append((path, reason))
         return
     # The instance attribute shadows the class method.
-    scheduler.step = FusedDPMSolverStep(scheduler) if is_multistep(scheduler) else FusedSchedulerStep(scheduler)
+    scheduler.step = fused_step_for(scheduler)
     report.replaced.append((path, "scheduler_step"))
+    report.steps[path] = scheduler.step
