@@ -1,5 +1,5 @@
 """The diffusion maths: noise schedules, the StepTable every sampler reads, one module per
-method (DDPM, DDIM, DPM-Solver++) and :func:`step_table`, the one entry that picks a method.
+method (DDPM, DDIM, DPM-Solver++, UniPC) and :func:`step_table`, the one entry that picks a method.
 
 May import: torch, numpy and its own modules. No method module imports this package back.
 """
@@ -19,13 +19,14 @@ from fastdiff.schedulers.schedules import (
     make_schedule,
 )
 from fastdiff.schedulers.timesteps import TIMESTEP_SPACINGS, leading_timesteps, spaced_timesteps
+from fastdiff.schedulers.unipc import unipc_table
 
-METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", "unipc")
 
 __all__ = [
     "DDPM_FORMS", "DDPM_VARIANCES", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS", "TIMESTEP_SPACINGS",
     "NoiseSchedule", "StepTable", "cosine_schedule", "ddim_table", "ddpm_table", "dpmsolver_table",
-    "leading_timesteps", "linear_schedule", "make_schedule", "spaced_timesteps", "step_table",
+    "leading_timesteps", "linear_schedule", "make_schedule", "spaced_timesteps", "step_table", "unipc_table",
 ]
 
 
@@ -38,11 +39,14 @@ def step_table(
     clip_sample: bool | None = None,
     order: int = 2,
 ) -> StepTable:
-    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, or
-    DPM-Solver++ of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"`` (20 steps by default,
-    diffusers' defaults otherwise: see :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table`)."""
+    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, DPM-Solver++
+    of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"``, or UniPC (bh2) of ``order`` 1-3,
+    ``"unipc"`` (20 steps by default, diffusers' defaults otherwise: see
+    :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table` and :func:`~fastdiff.schedulers.unipc.unipc_table`)."""
     if method in ("dpmsolver++", "sde-dpmsolver++"):
         return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method)
+    if method == "unipc":
+        return unipc_table(schedule, steps=20 if steps is None else steps, order=order)
     if method == "ddpm":
         return ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
     if method == "ddim":

@@ -63,7 +63,7 @@ def dpmsolver_table(
     num = timesteps.shape[0]
     coefs = torch.zeros((num, 6 + order - 1), dtype=torch.float64)
     for i in range(num):
-        coefs[i, 0:2] = torch.tensor(_data_prediction(prediction, float(alpha[i]), float(sigma[i])))
+        coefs[i, 0:2] = torch.tensor(data_prediction(prediction, float(alpha[i]), float(sigma[i])))
         step_order = _step_order(i, num, order, final_sigmas, lower_order_final, euler_at_final)
         coefs[i, 2:] = _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
     return StepTable(algorithm, timesteps, coefs.float(), None)
@@ -118,7 +118,7 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def _data_prediction(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
+def data_prediction(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
     """(c0, c1) with x0 = c0 * x_t - c1 * model_output."""
     if prediction == "epsilon":
         return 1.0 / alpha, sigma / alpha

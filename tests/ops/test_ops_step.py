@@ -157,9 +157,9 @@ def test_bad_history_raises_naming_it(value, error):
 
 
 def test_coefs_with_too_many_history_columns_raise():
-    coefs = torch.zeros(10, 9)
+    coefs = torch.zeros(10, 17)  # the corrector's layout with K = 5 > MAX_HISTORY
     with pytest.raises(ValueError, match=r"^coefs must have shape \(S, 6 \+ K\)"):
-        sampler_step(**{**_valid_multistep_args(), "coefs": coefs, "history": torch.zeros((3, *SHAPE))})
+        sampler_step(**{**_valid_multistep_args(), "coefs": coefs, "history": torch.zeros((5, *SHAPE))})
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ Accepted objects:
 
 - fastdiff's :class:`~fastdiff.models.unet.UNet`, a diffusers ``UNet2DModel`` (plain, with
   ``AttnDownBlock2D``/``AttnUpBlock2D``, class-conditioned), or any other ``nn.Module``;
-- a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler``;
+- a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` /
+  ``UniPCMultistepScheduler``;
 - a diffusers pipeline holding a ``unet`` and a ``scheduler`` (``DDPMPipeline``, ``DDIMPipeline``).
 
 What is replaced (see :mod:`~fastdiff.integrations.diffusers.modules`): each GroupNorm -> SiLU
@@ -44,15 +45,17 @@ from fastdiff.integrations.diffusers.schedulers import (
     FusedDPMSolverStep,
     FusedSchedulerStep,
     FusedStep,
+    FusedUniPCStep,
     is_fused_scheduler,
     is_multistep,
+    is_unipc,
     unsupported_reason,
 )
 from fastdiff.models.unet import GroupNormAct, SpatialSelfAttention
 
 ACCEPTED = (
     "a torch.nn.Module (fastdiff UNet, diffusers UNet2DModel, ...), "
-    "a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler, "
+    "a diffusers DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler or UniPCMultistepScheduler, "
     "or a diffusers pipeline with a unet and a scheduler (DDPMPipeline, DDIMPipeline)"
 )
 #: Replacement kinds counted by :class:`AccelerationReport`.
@@ -211,5 +214,8 @@ def _accelerate_scheduler(scheduler, path: str, report: AccelerationReport) -> N
         report.left_alone.append((path, reason))
         return
     # The instance attribute shadows the class method.
-    scheduler.step = FusedDPMSolverStep(scheduler) if is_multistep(scheduler) else FusedSchedulerStep(scheduler)
+    if is_unipc(scheduler):
+        scheduler.step = FusedUniPCStep(scheduler)
+    else:
+        scheduler.step = FusedDPMSolverStep(scheduler) if is_multistep(scheduler) else FusedSchedulerStep(scheduler)
     report.replaced.append((path, "scheduler_step"))

@@ -22,13 +22,21 @@ def loaded() -> SimpleNamespace | None:
 
 def _load() -> SimpleNamespace:
     # diffusers is optional
-    from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DiffusionPipeline,
+        DPMSolverMultistepScheduler,
+        UNet2DModel,
+        UniPCMultistepScheduler,
+    )
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
     from diffusers.models.resnet import ResnetBlock2D
 
     return SimpleNamespace(
         DiffusionPipeline=DiffusionPipeline, UNet2DModel=UNet2DModel, DDPMScheduler=DDPMScheduler,
-        DDIMScheduler=DDIMScheduler, DPMSolverMultistepScheduler=DPMSolverMultistepScheduler, Attention=Attention,
+        DDIMScheduler=DDIMScheduler, DPMSolverMultistepScheduler=DPMSolverMultistepScheduler,
+        UniPCMultistepScheduler=UniPCMultistepScheduler, Attention=Attention,
         AttnProcessor=AttnProcessor, AttnProcessor2_0=AttnProcessor2_0, ResnetBlock2D=ResnetBlock2D,
     )
 
