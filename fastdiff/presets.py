@@ -4,7 +4,7 @@ from __future__ import annotations
 
 #: Random-init model presets (:func:`fastdiff.models.unet.preset_config`), --config of the commands.
 PRESETS = ("default", "cifar10", "tiny")
-#: --sampler name -> (fastdiff.schedulers method, DPM-Solver++ order or None).
+#: --sampler name -> (fastdiff.schedulers method, multistep order or None).
 SAMPLER_METHODS = {
     "ddpm": ("ddpm", None),
     "ddim": ("ddim", None),
@@ -12,12 +12,13 @@ SAMPLER_METHODS = {
     "dpm++3m": ("dpmsolver++", 3),
     "dpm++2m-sde": ("sde-dpmsolver++", 2),
     "dpm++3m-sde": ("sde-dpmsolver++", 3),
+    "unipc": ("unipc", 2),  # bh2, order 2: diffusers' UniPCMultistepScheduler defaults
 }
 SAMPLERS = tuple(SAMPLER_METHODS)
 #: Model dtypes by name (``getattr(torch, name)``), --dtype of the commands.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-#: Default --steps: DDIM 50, DPM-Solver++ 20 (diffusers' usual settings); DDPM runs all T.
-DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20}
+#: Default --steps: DDIM 50, DPM-Solver++ and UniPC 20 (diffusers' usual settings); DDPM runs all T.
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20, "unipc": 20}
 
 
 def sampler_kwargs(name: str) -> dict:

@@ -46,6 +46,7 @@ SWEEP = (
     + [(name, steps) for name in ("dpm++2m", "dpm++3m") for steps in (5, 8, 10, 15, 20, 25)]
     + [("ddim", steps) for steps in (10, 20, 50, 100)]
     + [("dpm++2m-sde", 20), ("dpm++2m-sde", 50)]
+    + [("unipc", steps) for steps in (5, 8, 10, 15, 20, 25)]
 )
 BOOTSTRAPS = 200
 GRID_IMAGES = 64

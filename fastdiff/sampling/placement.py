@@ -32,8 +32,8 @@ def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module
         raise TypeError("schedule must be a diffusers DDPMScheduler/DDIMScheduler, a NoiseSchedule, a StepTable "
                         f"or None, got {type(schedule).__name__}")
     method = method or "ddpm"
-    if order is not None and not method.endswith("dpmsolver++"):
-        raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
+    if order is not None and not method.endswith(("dpmsolver++", "unipc")):
+        raise ValueError(f"order applies to method 'dpmsolver++', 'sde-dpmsolver++' or 'unipc' only, not {method!r}")
     return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order)
 
 

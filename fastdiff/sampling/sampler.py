@@ -1,4 +1,4 @@
-"""``fastdiff.Sampler``: the fast DDPM/DDIM/DPM-Solver++ sampling loop, one API on CPU and GPU.
+"""``fastdiff.Sampler``: the fast DDPM/DDIM/DPM-Solver++/UniPC sampling loop, one API on CPU and GPU.
 
 What runs:
 
@@ -66,7 +66,8 @@ class Sampler:
       reproduces (another prediction_type, thresholding, learned variance) raise ValueError;
     - a NoiseSchedule, turned into a table by ``method``/``steps``/``eta``/``order`` as
       :func:`fastdiff.schedulers.step_table` does (``method`` default "ddpm"; "dpmsolver++" or
-      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep);
+      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep; "unipc" with ``order`` 1-3:
+      UniPC bh2 predictor-corrector);
     - a ready StepTable;
     - None: the schedule the model was loaded with (``fastdiff.load_model`` sets
       ``model.fastdiff_schedule``), else linear with T = 1000 -- with a warning for a diffusers

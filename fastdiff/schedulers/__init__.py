@@ -46,6 +46,8 @@ def step_table(
     if method in ("dpmsolver++", "sde-dpmsolver++"):
         return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method)
     if method == "unipc":
+        if eta:
+            raise ValueError(f"eta applies to method 'ddim' only; UniPC is deterministic, got eta={eta!r}")
         return unipc_table(schedule, steps=20 if steps is None else steps, order=order)
     if method == "ddpm":
         return ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
