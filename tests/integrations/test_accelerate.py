@@ -355,7 +355,7 @@ def test_dpmsolver_with_fewer_steps_than_its_order_falls_back(op_calls):
         (diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
          "algorithm_type 'dpmsolver'"),
         (diffusers.EulerDiscreteScheduler(), "EulerDiscreteScheduler is not"),
-        (diffusers.UniPCMultistepScheduler(), "UniPCMultistepScheduler is not"),
+        (diffusers.UniPCMultistepScheduler(predict_x0=False), "predict_x0=False"),
     ],
 )
 def test_unfusable_pipeline_schedulers_are_left_alone_and_still_work(scheduler, reason, op_calls):
@@ -379,7 +379,7 @@ def test_unfusable_pipeline_schedulers_are_left_alone_and_still_work(scheduler, 
 
 @pytest.mark.parametrize("obj", ["unet", 3, DDPMScheduler, diffusers.EulerDiscreteScheduler()])
 def test_bad_input_lists_what_is_accepted(obj):
-    with pytest.raises(TypeError, match="accepts a torch.nn.Module .* DDIMScheduler or DPMSolverMultistepScheduler.* pipeline"):
+    with pytest.raises(TypeError, match="accepts a torch.nn.Module .* DPMSolverMultistepScheduler or UniPCMultistepScheduler.* pipeline"):
         accelerate(obj)
 
 
