@@ -176,12 +176,19 @@ def _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
 
 
 def _check_options(schedule, steps, order, algorithm, solver_type, prediction, spacing, final_sigmas) -> None:
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    check_multistep_options(schedule, steps, order, prediction, spacing, final_sigmas)
+    if order > steps:
+        raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")
+
+
+def check_multistep_options(schedule, steps, order, prediction, spacing, final_sigmas) -> None:
+    """The options every multistep table built on :func:`dpmsolver_sigmas` shares (DPM-Solver++, UniPC)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if spacing not in SPACINGS:
@@ -193,5 +200,3 @@ def _check_options(schedule, steps, order, algorithm, solver_type, prediction, s
     T = schedule.num_timesteps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in [1, {T}], got {steps!r}")
-    if order > steps:
-        raise ValueError(f"order {order} needs at least {order} steps, got steps={steps}")

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.schedulers.dpmsolver import FINAL_SIGMAS, PREDICTIONS, SPACINGS, data_prediction, dpmsolver_sigmas
+from fastdiff.schedulers.dpmsolver import check_multistep_options, data_prediction, dpmsolver_sigmas
 from fastdiff.schedulers.schedules import NoiseSchedule, StepTable
 
 SOLVER_TYPES = ("bh1", "bh2")
-#: Data predictions the highest order keeps (plus the corrected sample's slot).
-MAX_ORDER = 3
 
 
 def unipc_table(
@@ -122,21 +120,9 @@ def _bh_update(alpha, sigma, lam, s: int, t: int, q: int, solver_type: str, corr
 
 def _check_options(schedule, steps, order, solver_type, prediction, spacing, final_sigmas, lower_order_final,
                    begin) -> None:
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if final_sigmas not in FINAL_SIGMAS:
-        raise ValueError(f"final_sigmas must be one of {FINAL_SIGMAS}, got {final_sigmas!r}")
-    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= MAX_ORDER:
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    T = schedule.num_timesteps
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in [1, {T}], got {steps!r}")
+    check_multistep_options(schedule, steps, order, prediction, spacing, final_sigmas)
     if not isinstance(begin, int) or isinstance(begin, bool) or not 0 <= begin < steps:
         raise ValueError(f"begin must be an integer in [0, {steps - 1}], got {begin!r}")
     reason = undefined_final_step(solver_type, final_sigmas, order, lower_order_final)

@@ -151,13 +151,14 @@ def test_history_steps_match_reference(shape, algorithm, mode, order):
         eps = torch.sin(3 * x)  # a new model output per step
 
 
+@pytest.mark.parametrize("table", [dpmsolver_table(linear_schedule(), steps=5, order=3),
+                                   unipc_table(linear_schedule(), steps=5, order=3)], ids=["dpmsolver++", "unipc"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_history_update_in_half_dtypes(dtype):
-    table = dpmsolver_table(linear_schedule(), steps=5, order=3)
+def test_history_update_in_half_dtypes(dtype, table):
     x_t, eps, _ = make_inputs((3, 3, 7, 5), dtype)
-    history = torch.randn((2, 3, 3, 7, 5), generator=torch.Generator().manual_seed(4)).to(dtype)
+    history = torch.randn((table.history_size, 3, 3, 7, 5), generator=torch.Generator().manual_seed(4)).to(dtype)
     ref_history = history.clone()
-    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=history)
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=history, block=32)
     ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=ref_history)
     assert_close(x_prev, ref_prev)
     assert_close(history, ref_history)
@@ -187,18 +188,6 @@ def test_corrector_steps_match_reference(shape, order, begin, disable):
         if step == 0:  # no correction at a run's first step: the sample slot keeps x_t
             assert torch.equal(history[-1], x)
         x, eps = ref_prev, torch.sin(3 * ref_prev)  # a new model output per step
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_corrector_update_in_half_dtypes(dtype):
-    table = unipc_table(linear_schedule(), steps=6, order=3)
-    x_t, eps, _ = make_inputs((3, 3, 7, 5), dtype)
-    history = torch.randn((4, 3, 3, 7, 5), generator=torch.Generator().manual_seed(4)).to(dtype)
-    ref_history = history.clone()
-    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=history, block=32)
-    ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=ref_history)
-    assert_close(x_prev, ref_prev)
-    assert_close(history, ref_history)
 
 
 def test_corrector_out_of_range_step_gives_nan():

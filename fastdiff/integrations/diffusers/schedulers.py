@@ -208,6 +208,18 @@ class FusedStep:
             self._tables[key] = build()
         return self._tables[key]
 
+    def multistep_output(self, x_prev: torch.Tensor, return_dict: bool):
+        """What a multistep scheduler's own ``step`` returns and leaves behind: its order warm-up
+        and step counters advanced past the fused step, ``x_prev`` wrapped as its output."""
+        s = self.scheduler
+        s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
+        s._step_index += 1
+        if not return_dict:
+            return (x_prev,)
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput  # diffusers is optional
+
+        return SchedulerOutput(prev_sample=x_prev)
+
     def matches_scheduler(self, table: StepTable, begin: int = 0) -> bool:
         """The table visits the scheduler's own timesteps (not custom ones) from step ``begin``."""
         s = self.scheduler
@@ -305,14 +317,7 @@ class FusedDPMSolverStep(FusedStep):
             sample, model_output, fused.step_indices[s.step_index], fused.table.coefs,
             noise=self._noise(a), history=self.history,
         )
-        s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
-        s._step_index += 1
-        x_prev = x_prev.to(model_output.dtype)
-        if not a["return_dict"]:
-            return (x_prev,)
-        from diffusers.schedulers.scheduling_utils import SchedulerOutput  # diffusers is optional
-
-        return SchedulerOutput(prev_sample=x_prev)
+        return self.multistep_output(x_prev.to(model_output.dtype), a["return_dict"])
 
     def _noise(self, a: dict) -> torch.Tensor | None:
         """The SDE form draws z at every step, as diffusers does; the ODE form none."""
@@ -374,14 +379,7 @@ class FusedUniPCStep(FusedStep):
             self.history = fused.table.new_history(x.shape, x.device)
         x_prev, _ = ops.sampler_step(x, model_output, fused.step_indices[s.step_index - self.begin],
                                      fused.table.coefs, history=self.history)
-        s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
-        s._step_index += 1
-        x_prev = x_prev.to(sample.dtype)
-        if not a["return_dict"]:
-            return (x_prev,)
-        from diffusers.schedulers.scheduling_utils import SchedulerOutput  # diffusers is optional
-
-        return SchedulerOutput(prev_sample=x_prev)
+        return self.multistep_output(x_prev.to(sample.dtype), a["return_dict"])
 
     def _device_table(self, begin: int, device) -> DeviceTable | None:
         s = self.scheduler
