@@ -33,6 +33,7 @@ CASES = [
     ("bh1-order2-sigma-min", dict(solver_order=2, solver_type="bh1", final_sigmas_type="sigma_min"), 10, 0),
     ("bh1-3-karras-sigma-min", dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min",
                                     use_karras_sigmas=True), 12, 0),
+    ("bh2-2-zero-snr-trailing", dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"), 10, 0),
     ("bh2-2-from-3", dict(solver_order=2), 10, 3),
     ("bh2-3-from-8", dict(solver_order=3), 20, 8),
     ("bh2-3-trailing-from-1", dict(solver_order=3, timestep_spacing="trailing"), 12, 1),
@@ -40,6 +41,8 @@ CASES = [
     ("bh2-3-disable-from-4", dict(solver_order=3, disable_corrector=[5]), 10, 4),
     ("bh1-3-sigma-min-from-5", dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min"), 10, 5),
     ("bh2-1-from-last", dict(solver_order=1), 6, 5),
+    ("bh2-3-v-zero-snr-from-4", dict(solver_order=3, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                     timestep_spacing="trailing"), 10, 4),
 ]
 
 
