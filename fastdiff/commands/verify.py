@@ -38,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", metavar="FOLDER", type=Path, help="model folder (default: --config tiny)")
     source.add_argument("--config", choices=PRESETS, help="a random-init model of this preset (default: tiny)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="default: %(default)s")
-    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: T for ddpm, 50 for ddim)")
+    parser.add_argument("--steps", type=positive_int,
+                        help="sampling steps (default: T for ddpm, 50 for ddim, 20 for dpm++* and unipc)")
     parser.add_argument("--batch", type=positive_int, default=4, help="default: %(default)s")
     parser.add_argument("--seed", type=seed_int, default=0, help="default: %(default)s")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")

@@ -379,7 +379,8 @@ def test_unfusable_pipeline_schedulers_are_left_alone_and_still_work(scheduler, 
 
 @pytest.mark.parametrize("obj", ["unet", 3, DDPMScheduler, diffusers.EulerDiscreteScheduler()])
 def test_bad_input_lists_what_is_accepted(obj):
-    with pytest.raises(TypeError, match="accepts a torch.nn.Module .* DPMSolverMultistepScheduler or UniPCMultistepScheduler.* pipeline"):
+    accepted = "accepts a torch.nn.Module .* DPMSolverMultistepScheduler or UniPCMultistepScheduler.* pipeline"
+    with pytest.raises(TypeError, match=accepted):
         accelerate(obj)
 
 
