@@ -85,7 +85,8 @@ def _timed_what(impl: str) -> str:
     if impl == "fastdiff":
         path = kernel_path(DEVICE)
         return "Triton kernel" if path == "triton" else f"fastdiff op dispatching to the eager reference ({path} path)"
-    return {"eager": "eager PyTorch reference", "compiled": "torch.compile(reference), inductor default mode"}[impl]
+    return {"eager": "eager PyTorch reference", "compiled": "torch.compile(reference), inductor default mode",
+            "diffusers": "diffusers' own scheduler step"}[impl]
 
 
 def _measure(benchmark, fn, *, bytes_moved: int | None = None, flops: int | None = None) -> None:
@@ -206,21 +207,48 @@ def test_group_norm_split(benchmark, path, layout, batch, shape):
              bytes_moved=_unique_bytes([x, weight, bias, out]))
 
 
-@pytest.fixture(scope="module")
-def ddpm_coefs():
-    return step_table(linear_schedule(), "ddpm", steps=100).coefs.to(DEVICE)
+#: Step tables timed: DDPM (clipped x0, given noise) and UniPC of order 3 (four history slots, the corrector).
+STEP_TABLES = {"ddpm": dict(method="ddpm", steps=100), "unipc-3": dict(method="unipc", steps=20, order=3)}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_sampler_step(benchmark, impl, ddpm_coefs):
-    benchmark.group = "sampler_step (B,3,32,32), noise given"
+@pytest.mark.parametrize("table_name", STEP_TABLES)
+def test_sampler_step(benchmark, impl, table_name):
+    table = step_table(linear_schedule(), **STEP_TABLES[table_name]).to(DEVICE)
+    benchmark.group = f"sampler_step {table_name} (B,3,32,32)"
     x_t, eps, noise = (_randn(STEP_BATCH, 3, 32, 32) + i for i in range(3))
+    history = table.new_history(x_t.shape, DEVICE)
+    args = dict(noise=None if table.history_size else noise, clip_range=table.clip, history=history)
     step_index = torch.tensor(10, dtype=torch.int64, device=DEVICE)
     fn = _implementation(impl, "sampler_step")
-    x_prev, x0 = fn(x_t, eps, step_index, ddpm_coefs, noise=noise, clip_range=1.0)
+    x_prev, x0 = fn(x_t, eps, step_index, table.coefs, **args)
     _label(benchmark, impl, torch.float32, x_t.shape)
-    _measure(benchmark, lambda: fn(x_t, eps, step_index, ddpm_coefs, noise=noise, clip_range=1.0),
-             bytes_moved=_unique_bytes([x_t, eps, noise, x_prev, x0]))
+    _measure(benchmark, lambda: fn(x_t, eps, step_index, table.coefs, **args),
+             bytes_moved=_unique_bytes([x_t, eps, args["noise"], history, x_prev, x0]))
+
+
+@pytest.mark.parametrize("impl", ["fastdiff", "diffusers"])
+def test_unipc_scheduler_run(benchmark, impl):
+    """A 10-step UniPC run of scheduler steps alone (the model's output given): diffusers'
+    ``UniPCMultistepScheduler.step`` against the one fastdiff installs with ``accelerate``."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastdiff import accelerate
+
+    scheduler = diffusers.UniPCMultistepScheduler(solver_order=3)
+    if impl == "fastdiff":
+        scheduler = accelerate(scheduler)
+    benchmark.group = "UniPC order 3, 10 scheduler steps (B,3,32,32)"
+    x_T, eps = _randn(STEP_BATCH, 3, 32, 32), _randn(STEP_BATCH, 3, 32, 32) * 0.1
+
+    def run():
+        scheduler.set_timesteps(10, device=DEVICE)
+        x = x_T
+        for t in scheduler.timesteps:
+            x = scheduler.step(eps, t, x).prev_sample
+        return x
+
+    _label(benchmark, impl, torch.float32, x_T.shape)
+    _measure(benchmark, run)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 #: Random-init model presets (:func:`fastdiff.models.unet.preset_config`), --config of the commands.
 PRESETS = ("default", "cifar10", "tiny")
-#: --sampler name -> (fastdiff.schedulers method, DPM-Solver++ order or None).
+#: --sampler name -> (fastdiff.schedulers method, multistep order or None).
 SAMPLER_METHODS = {
     "ddpm": ("ddpm", None),
     "ddim": ("ddim", None),
@@ -14,12 +14,13 @@ SAMPLER_METHODS = {
     "dpm++3m-sde": ("sde-dpmsolver++", 3),
     "euler": ("euler", None),
     "euler-a": ("euler-ancestral", None),
+    "unipc": ("unipc", 2),  # bh2, order 2: diffusers' UniPCMultistepScheduler defaults
 }
 SAMPLERS = tuple(SAMPLER_METHODS)
 #: Model dtypes by name (``getattr(torch, name)``), --dtype of the commands.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-#: Default --steps: DDIM 50, DPM-Solver++ 20, Euler 30 (diffusers' usual settings); DDPM runs all T.
-DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20, "euler": 30, "euler-ancestral": 30}
+#: Default --steps: DDIM 50, DPM-Solver++ and UniPC 20, Euler 30 (diffusers' usual settings); DDPM runs all T.
+DEFAULT_STEPS = {"ddim": 50, "dpmsolver++": 20, "sde-dpmsolver++": 20, "euler": 30, "euler-ancestral": 30, "unipc": 20}
 
 
 def sampler_kwargs(name: str) -> dict:

@@ -3,12 +3,15 @@
 One update of the :class:`fastdiff.schedulers.StepTable` form::
 
     x0     = c0 * x_t - c1 * eps            (clamped to [-clip, clip] when CLIP)
-    x_prev = c2 * x0 + c3 * x_t + c4 * eps + c5 * z + sum_k c[6 + k] * h[k]   (k < HISTORY)
-    h      = (x0, h[0], ...)                (HISTORY > 0: written back in place)
+    y      = x_t, or with CORRECTOR: u0 * x_t + u1 * x0 + sum_k u[2 + k] * h[k]   (u = c[6 + K:])
+    x_prev = c2 * x0 + c3 * y + c4 * eps + c5 * z + sum_k c[6 + k] * h[k]      (k < K = HISTORY)
+    h      = (x0, h[0], ...), or with CORRECTOR (x0, h[0], ..., h[K - 3], y)  (written back in place)
 
-HISTORY (0, 1 or 2, a constexpr) is the number of previous data predictions a multistep solver
-(DPM-Solver++) reads; the table's rows are 6 + HISTORY wide. Each thread reads its elements of
-h[0..HISTORY) and writes them shifted, so the in-place update needs no other synchronisation.
+HISTORY (0-4, a constexpr) is the number of history slots a multistep solver reads: previous
+data predictions (DPM-Solver++), and with CORRECTOR (a predictor-corrector solver, UniPC) the
+previous corrected sample in the last slot; rows are 6 + K wide, 8 + 2K with CORRECTOR. Each
+thread reads its elements of h[0..K) before writing them, so the in-place update needs no
+other synchronisation.
 
 The step index is read from device memory and the coefficient row is loaded in-kernel, so a
 CUDA graph replays every step by updating one int64 on the device. z is a given tensor, Philox
@@ -50,10 +53,10 @@ def sampler_step_kernel(
     noise_ptr,  # (B, N) given z when NOISE == "given"; unused otherwise
     rng_ptr,  # (2,) int64 [seed, offset], or (3,) [seed, offset, first sample] with SAMPLE_BASE, when NOISE == "philox"
     step_ptr,  # (1,) integer step index, read by every program
-    coefs_ptr,  # (S, 6) float32 table; one row of six scalars per program, kept in registers
+    coefs_ptr,  # (S, 6 + K) or (S, 8 + 2K) float32 table; one row of scalars per program, kept in registers
     x_prev_ptr,  # (B, N) output x_{t-1}, x_t's dtype
     x0_ptr,  # (B, N) output x0 prediction (after the clamp), x_t's dtype; unused unless WRITE_X0
-    history_ptr,  # (HISTORY, B, N) previous x0 predictions, newest first, read then shifted in place
+    history_ptr,  # (HISTORY, B, N) previous x0 predictions, newest first (+ the corrected sample), updated in place
     n_per_sample,
     history_stride,  # B * N: elements between history entries
     num_steps,
@@ -64,13 +67,14 @@ def sampler_step_kernel(
     WRITE_X0: tl.constexpr,
     SAMPLE_BASE: tl.constexpr,  # the noise key's sample word is rng[2] + the sample's index in the batch
     HISTORY: tl.constexpr,
+    CORRECTOR: tl.constexpr,  # predictor-corrector rows (8 + 2K wide); the last history slot holds y
 ):
     sample, element, mask, offsets = sample_block(n_per_sample, BLOCK)
 
     step = tl.load(step_ptr)
     step_ok = (step >= 0) & (step < num_steps)
     tl.device_assert(step_ok, "step_index out of range")
-    row = coefs_ptr + step * (6 + HISTORY)
+    row = coefs_ptr + step * (6 + HISTORY + CORRECTOR * (2 + HISTORY))
     c0 = tl.load(row + 0, mask=step_ok, other=float("nan"))
     c1 = tl.load(row + 1, mask=step_ok, other=float("nan"))
     c2 = tl.load(row + 2, mask=step_ok, other=float("nan"))
@@ -83,7 +87,22 @@ def sampler_step_kernel(
     x0 = c0 * x - c1 * eps
     if CLIP:
         x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
-    x_prev = c2 * x0 + c3 * x + c4 * eps
+    y = x
+    if CORRECTOR:
+        y = tl.load(row + 6 + HISTORY, mask=step_ok, other=float("nan")) * x
+        y += tl.load(row + 7 + HISTORY, mask=step_ok, other=float("nan")) * x0
+    past = tl.zeros_like(x)  # the history's part of x_prev
+    newer = x0  # what the slot being read moves down to
+    for k in tl.static_range(HISTORY):
+        h_ptr = history_ptr + k * history_stride + offsets
+        h = tl.load(h_ptr, mask=mask, other=0.0).to(tl.float32)
+        past += tl.load(row + 6 + k, mask=step_ok, other=float("nan")) * h
+        if CORRECTOR:
+            y += tl.load(row + 8 + HISTORY + k, mask=step_ok, other=float("nan")) * h
+        if k < HISTORY - CORRECTOR:  # a data slot: shifted down; the corrector's sample slot takes y below
+            tl.store(h_ptr, newer.to(history_ptr.dtype.element_ty), mask=mask)
+            newer = h
+    x_prev = c2 * x0 + c3 * y + c4 * eps
     if NOISE == "given":
         z = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x_prev += c5 * z
@@ -92,16 +111,10 @@ def sampler_step_kernel(
         offset = tl.load(rng_ptr + 1)
         key_sample = sample + tl.load(rng_ptr + 2) if SAMPLE_BASE else sample
         x_prev += c5 * philox_normal(seed, element, key_sample, offset, step)
-    if HISTORY >= 1:
-        c6 = tl.load(row + 6, mask=step_ok, other=float("nan"))
-        h0 = tl.load(history_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        x_prev += c6 * h0
-        if HISTORY == 2:
-            c7 = tl.load(row + 7, mask=step_ok, other=float("nan"))
-            h1_ptr = history_ptr + history_stride + offsets
-            x_prev += c7 * tl.load(h1_ptr, mask=mask, other=0.0).to(tl.float32)
-            tl.store(h1_ptr, h0.to(history_ptr.dtype.element_ty), mask=mask)
-        tl.store(history_ptr + offsets, x0.to(history_ptr.dtype.element_ty), mask=mask)
+    if HISTORY > 0:
+        x_prev += past
+    if CORRECTOR:
+        tl.store(history_ptr + (HISTORY - 1) * history_stride + offsets, y.to(history_ptr.dtype.element_ty), mask=mask)
 
     tl.store(x_prev_ptr + offsets, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
@@ -142,6 +155,7 @@ def sampler_step(
     if x_prev.numel() == 0:
         return x_prev, x0
     mode = noise_mode(noise, rng)
+    slots = 0 if history is None else history.shape[0]
     x_t = x_t.contiguous()
     n_per_sample = x_t.numel() // batch
     grid = (triton.cdiv(n_per_sample, block), batch)
@@ -154,7 +168,7 @@ def sampler_step(
         n_per_sample, x_t.numel(), coefs.shape[0], 0.0 if clip_range is None else float(clip_range),
         BLOCK=block, NOISE=mode, CLIP=clip_range is not None, WRITE_X0=write_x0,
         SAMPLE_BASE=mode == "philox" and rng.numel() == 3,
-        HISTORY=0 if history is None else history.shape[0],
+        HISTORY=slots, CORRECTOR=slots > 0 and coefs.shape[1] == 8 + 2 * slots,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return x_prev, x0
@@ -170,7 +184,8 @@ def aot_specs():
     clamp, writing x0 as the op does; plus an fp32 sample with a bf16 model output (autocast
     sampling) and an x0-less Philox step; and the multistep (DPM-Solver++) steps the sampler
     runs: fp32 x_t and history, fp32 or bf16 model output, 1 or 2 history entries, no noise
-    (ODE form) or noise (SDE form). Other dtype mixes compile the same code. Each is compiled
+    (ODE form) or noise (SDE form); and the predictor-corrector (UniPC) steps: 2-4 history slots, no
+    noise. Other dtype mixes compile the same code. Each is compiled
     with the specialisation Triton's JIT gives the launch above (fastdiff.kernels.aot.launch_spec)."""
     # triton's compiler: only the AOT report needs it
     from fastdiff.kernels.aot import launch_spec
@@ -180,18 +195,18 @@ def aot_specs():
            (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("i64", torch.int64))}
 
     def spec(dtype: str, mode: str, clip: bool, write_x0: bool = True, eps_dtype: str | None = None,
-             sample_base: bool = False, history: int = 0):
+             sample_base: bool = False, history: int = 0, corrector: bool = False):
         eps_dtype = eps_dtype or dtype
         args = dict(
             x_ptr=ptr[dtype], eps_ptr=ptr[eps_dtype], noise_ptr=ptr[dtype], rng_ptr=ptr["i64"], step_ptr=ptr["i64"],
             coefs_ptr=ptr["fp32"], x_prev_ptr=ptr[dtype], x0_ptr=ptr[dtype], history_ptr=ptr[dtype],
             n_per_sample=AOT_VALUES_PER_SAMPLE, history_stride=AOT_BATCH * AOT_VALUES_PER_SAMPLE,
             num_steps=AOT_STEPS, clip_range=1.0, BLOCK=BLOCK, NOISE=mode, CLIP=clip, WRITE_X0=write_x0,
-            SAMPLE_BASE=sample_base, HISTORY=history,
+            SAMPLE_BASE=sample_base, HISTORY=history, CORRECTOR=corrector,
         )
         name = f"sampler_step_{dtype}" + (f"_eps_{eps_dtype}" if eps_dtype != dtype else "") + f"_{mode}"
         name += ("_clip" if clip else "") + ("" if write_x0 else "_no_x0") + ("_sample_base" if sample_base else "")
-        name += f"_history{history}" if history else ""
+        name += (f"_history{history}" if history else "") + ("_corrector" if corrector else "")
         return launch_spec(name, sampler_step_kernel, args, NUM_WARPS, NUM_STAGES)
 
     specs = [
@@ -203,5 +218,9 @@ def aot_specs():
     specs += [
         spec("fp32", mode, clip=False, eps_dtype=eps_dtype, history=history)
         for history in (1, 2) for mode in NOISE_MODES for eps_dtype in ("fp32", "bf16")
+    ]
+    specs += [  # UniPC of order 1-3: as many data slots plus the corrected sample's
+        spec("fp32", "none", clip=False, eps_dtype=eps_dtype, history=history, corrector=True)
+        for history in (2, 3, 4) for eps_dtype in ("fp32", "bf16")
     ]
     return specs

@@ -199,10 +199,15 @@ def make_pipeline(unet2d, table, schedule):
     order and form, diffusers' defaults otherwise as in :func:`fastdiff.schedulers.dpmsolver.dpmsolver_table`).
 
     The schedule's betas are handed over as ``trained_betas``, so any fastdiff schedule maps exactly.
+    Raises ValueError for a UniPC table: both pipelines pass ``generator=`` to the scheduler's
+    ``step``, which ``UniPCMultistepScheduler.step`` does not take.
     """
     # diffusers is optional
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 
+    if table.corrector:
+        raise ValueError("no unconditional diffusers pipeline runs UniPCMultistepScheduler: DDPMPipeline and "
+                         "DDIMPipeline pass generator= to its step, which does not take it")
     if table.history_size or table.method.endswith("dpmsolver++"):
         scheduler = DPMSolverMultistepScheduler(
             num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.float().tolist(),

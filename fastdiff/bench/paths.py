@@ -159,7 +159,10 @@ def _diffusers(ctx: BenchContext) -> BenchPath:
     max_diff = conversion_error(ctx.model, unet2d)
     if ctx.dtype != torch.float32:
         unet2d = unet2d.to(ctx.dtype)
-    pipe = make_pipeline(unet2d, ctx.table, ctx.schedule)
+    try:
+        pipe = make_pipeline(unet2d, ctx.table, ctx.schedule)
+    except ValueError as e:
+        raise PathSkipped(str(e)) from None
     call = dict(num_inference_steps=ctx.table.num_steps, output_type="pt", return_dict=False)
     if ctx.table.method == "ddim":
         call["eta"] = 0.0

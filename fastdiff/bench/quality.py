@@ -47,6 +47,7 @@ SWEEP = (
     + [("ddim", steps) for steps in (10, 20, 50, 100)]
     + [("dpm++2m-sde", 20), ("dpm++2m-sde", 50)]
     + [(name, steps) for name in ("euler", "euler-a") for steps in (10, 20, 50)]
+    + [("unipc", steps) for steps in (5, 8, 10, 15, 20, 25)]
 )
 BOOTSTRAPS = 200
 GRID_IMAGES = 64

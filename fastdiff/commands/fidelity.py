@@ -20,7 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a 1x16x16 model folder (default: the built-in digits model)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: %(default)s")
     parser.add_argument("--steps", type=positive_int,
-                        help=f"sampling steps (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++*, T for ddpm)")
+                        help=f"sampling steps (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++* and unipc, "
+                             "T for ddpm)")
     parser.add_argument("-n", "--num-samples", type=positive_int, default=1000,
                         help="samples per set (three sets are drawn; default: %(default)s)")
     parser.add_argument("--chunk", type=positive_int, default=250, help="samples per sampler call (default: %(default)s)")

@@ -36,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument(
         "--steps", type=positive_int,
-        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++*, T for ddpm)",
+        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++* and unipc, "
+             "T for ddpm)",
     )
     parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
     parser.add_argument("--batch", type=positive_int, default=16, help="number of images (default: %(default)s)")

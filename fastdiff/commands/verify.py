@@ -38,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", metavar="FOLDER", type=Path, help="model folder (default: --config tiny)")
     source.add_argument("--config", choices=PRESETS, help="a random-init model of this preset (default: tiny)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="default: %(default)s")
-    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: T for ddpm, 50 for ddim)")
+    parser.add_argument("--steps", type=positive_int,
+                        help="sampling steps (default: T for ddpm, 50 for ddim, 20 for dpm++* and unipc)")
     parser.add_argument("--batch", type=positive_int, default=4, help="default: %(default)s")
     parser.add_argument("--seed", type=seed_int, default=0, help="default: %(default)s")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
@@ -65,18 +66,19 @@ def fp64_trajectory(model, table, noise, class_labels=None):
 
     import torch
 
+    from fastdiff.ops import reference  # torch: imported when the command runs, not for --help
+
     model64 = copy.deepcopy(model).double().eval()
     x = noise.x_T.double()
-    history = [torch.zeros_like(x)] * table.history_size  # multistep: previous x0, newest first
+    coefs = table.coefs.double().to(x.device)
+    history = table.new_history(x.shape, x.device)
+    history = None if history is None else history.double()
     with torch.no_grad():
-        for i, c in enumerate(table.coefs.double().to(x.device)):
+        for i in range(table.num_steps):
             t = table.timesteps[i].to(x.device).expand(x.shape[0])
             eps = model64(x, t) if class_labels is None else model64(x, t, class_labels)
-            x0 = c[0] * x - c[1] * eps
-            x0 = x0 if table.clip is None else x0.clamp(-table.clip, table.clip)
-            x = c[2] * x0 + c[3] * x + c[4] * eps + c[5] * noise.z[i].double()
-            x = x + sum((c[6 + k] * h for k, h in enumerate(history)), torch.zeros_like(x))
-            history = [x0, *history[:-1]] if history else history
+            x, _ = reference.sampler_step(x, eps, torch.tensor(i, device=x.device), coefs, noise=noise.z[i],
+                                          clip_range=table.clip, history=history)
     return x
 
 

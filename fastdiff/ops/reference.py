@@ -149,30 +149,43 @@ def sampler_step(
 
     Noise: ``noise`` if given; else Philox keyed by (element, sample, rng offset, step index)
     if ``rng`` (int64 [seed, offset], or [seed, offset, first sample] where samples are
-    numbered from rng[2]) is given; else none. Math in fp32, cast on return.
-    ``history`` (K, *x_t.shape), K = coefs.shape[1] - 6 (multistep tables): the previous data
-    predictions, newest first; adds sum_k coefs[6 + k] * history[k], then shifts ``history``
-    in place so that history[0] = x0.
+    numbered from rng[2]) is given; else none. Math in fp32 (fp64 for fp64 x_t: the verify
+    command's float64 truth), cast on return.
+    ``history`` (K, *x_t.shape), multistep tables: adds sum_k coefs[6 + k] * history[k]. With K
+    data slots (coefs 6 + K wide) it is shifted in place so that history[0] = x0. With the
+    corrector (coefs 8 + 2K wide) the step reads y = u . (x_t, x0, history) for x_t, the last slot
+    takes y and the K - 1 others shift (see :mod:`fastdiff.schedulers.schedules`).
     """
+    compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     # index_select (not coefs[step_index]): a 0-dim index tensor would be read on the host.
-    c = coefs.index_select(0, step_index.long().reshape(1))[0].to(torch.float32)
-    x, e = x_t.to(torch.float32), eps.to(torch.float32)
+    c = coefs.index_select(0, step_index.long().reshape(1))[0].to(compute)
+    x, e = x_t.to(compute), eps.to(compute)
     x0 = c[0] * x - c[1] * e
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
-    out = c[2] * x0 + c[3] * x + c[4] * e
+    slots = 0 if history is None else history.shape[0]
+    corrector = slots > 0 and c.shape[0] == 8 + 2 * slots
+    y = c[6 + slots] * x + c[7 + slots] * x0 if corrector else x
+    past = torch.zeros_like(x)  # the history's part of x_prev
+    for k in range(slots):
+        h = history[k].to(compute)
+        past = past + c[6 + k] * h
+        if corrector:
+            y = y + c[8 + slots + k] * h
+    out = c[2] * x0 + c[3] * y + c[4] * e
     if noise is not None:
-        out = out + c[5] * noise.to(torch.float32)
+        out = out + c[5] * noise.to(compute)
     elif rng is not None:
         seed, offset = split_rng(rng[:2])
         first_sample = int(rng[2]) if rng.numel() == 3 else 0
-        out = out + c[5] * philox_noise_like(x, seed, offset, int(step_index), first_sample)
-    if history is not None:
-        for k in range(history.shape[0]):
-            out = out + c[6 + k] * history[k].to(torch.float32)
-        if history.shape[0] > 1:
-            history[1:].copy_(history[:-1].clone())
+        out = out + c[5] * philox_noise_like(x, seed, offset, int(step_index), first_sample).to(compute)
+    if slots:
+        out = out + past
+        data_slots = slots - corrector
+        history[1:data_slots].copy_(history[:data_slots - 1].clone())
         history[0].copy_(x0)
+        if corrector:
+            history[-1].copy_(y)
     return out.to(x_t.dtype), x0.to(x_t.dtype)
 
 

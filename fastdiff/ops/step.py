@@ -19,8 +19,9 @@ from fastdiff.ops._checks import check_index_values, check_rng, check_same_devic
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 NUM_COEFS = 6  # columns of fastdiff.schedulers.STEP_COLUMNS
-#: Previous data predictions a step may read (DPM-Solver++ of order 3 reads two).
-MAX_HISTORY = 2
+#: History slots a step may read (DPM-Solver++ of order 3 reads two previous data predictions;
+#: UniPC of order 3 three, plus the previous corrected sample).
+MAX_HISTORY = 4
 
 
 def sampler_step(
@@ -36,13 +37,15 @@ def sampler_step(
     """Returns (x_prev, x0) in x_t's dtype for row ``coefs[step_index]`` of a StepTable.
 
     x_t, eps (and noise): (B, ...) float tensors of one shape; step_index: one-element integer
-    tensor on x_t's device; coefs: (S, 6 + K) float32. Noise is ``noise`` if given, else Philox
+    tensor on x_t's device; coefs: (S, 6 + K), or (S, 8 + 2K) for a predictor-corrector table,
+    float32. Noise is ``noise`` if given, else Philox
     keyed by (element in sample, sample, rng[1], step_index) with key rng[0] if ``rng`` (int64
     [seed, offset], or [seed, offset, first sample] to number the samples from rng[2]) is
     given, else none. ``clip_range``: clamp x0 to [-clip_range, clip_range].
     ``history``: (K, *x_t.shape) float buffer of the K previous data predictions (newest first),
     required exactly when K > 0 (multistep tables); the step adds ``coefs[6 + k] * history[k]``
-    and shifts x0 into it in place. Start it zeroed: unused entries are multiplied by 0.
+    and shifts x0 into it in place. With 8 + 2K columns the last slot holds the corrected sample
+    instead (:mod:`fastdiff.schedulers.schedules`). Start it zeroed: unused entries are multiplied by 0.
     """
     _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range, history)
     if x_t.numel() == 0:
@@ -66,12 +69,12 @@ def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range, history) ->
     if step_index.numel() != 1:
         raise ValueError(f"step_index must hold exactly one element, got shape {tuple(step_index.shape)}")
     check_tensor("coefs", coefs, dtypes=(torch.float32,), rank=2)
-    if coefs.shape[0] == 0 or not NUM_COEFS <= coefs.shape[1] <= NUM_COEFS + MAX_HISTORY:
+    if coefs.shape[0] == 0 or not NUM_COEFS <= coefs.shape[1] <= NUM_COEFS + 2 + 2 * MAX_HISTORY:
         raise ValueError(
-            f"coefs must have shape (S, {NUM_COEFS} + K) with S >= 1 and K history columns in "
-            f"0..{MAX_HISTORY}, got {tuple(coefs.shape)}"
+            f"coefs must have shape (S, {NUM_COEFS} + K), or (S, {NUM_COEFS + 2} + 2K) with a corrector, with S >= 1 "
+            f"and K history slots in 0..{MAX_HISTORY}, got {tuple(coefs.shape)}"
         )
-    _check_history(history, coefs.shape[1] - NUM_COEFS, x_t)
+    _check_history(history, coefs.shape[1], x_t)
     if noise is not None:
         check_tensor("noise", noise)
         check_same_shape("x_t", x_t, noise=noise)
@@ -85,20 +88,23 @@ def _check_args(x_t, eps, step_index, coefs, noise, rng, clip_range, history) ->
             raise ValueError(f"clip_range must be > 0, got {clip_range!r}")
 
 
-def _check_history(history, size: int, x_t) -> None:
-    if size == 0:
-        if history is not None:
-            raise ValueError("history was given but coefs has no history columns (shape (S, 6))")
-        return
+def _check_history(history, width: int, x_t) -> None:
+    """``history`` fits ``coefs`` of ``width`` columns: K slots for 6 + K or 8 + 2K columns."""
     if history is None:
-        raise ValueError(f"history is required: coefs has {size} history column(s); pass a zeroed "
-                         f"({size}, {', '.join(map(str, x_t.shape))}) buffer")
+        if width != NUM_COEFS:
+            raise ValueError(f"history is required: coefs has {width} columns (a multistep table); pass a zeroed "
+                             f"(K, {', '.join(map(str, x_t.shape))}) buffer, K = table.history_size")
+        return
     check_tensor("history", history)
-    if history.shape != (size, *x_t.shape):
+    slots = history.shape[0] if history.dim() else 0
+    if not 1 <= slots <= MAX_HISTORY or width not in (NUM_COEFS + slots, NUM_COEFS + 2 + 2 * slots):
         raise ValueError(
-            f"history must have shape (K, *x_t.shape) = {(size, *x_t.shape)} for coefs with {size} history "
-            f"column(s), got {tuple(history.shape)}"
+            f"history must have shape (K, *x_t.shape) with K in 1..{MAX_HISTORY} and coefs {NUM_COEFS} + K or "
+            f"{NUM_COEFS + 2} + 2K wide; coefs has {width} columns, history has shape {tuple(history.shape)}"
         )
+    if history.shape != (slots, *x_t.shape):
+        raise ValueError(f"history must have shape (K, *x_t.shape) = {(slots, *x_t.shape)}, "
+                         f"got {tuple(history.shape)}")
     if not history.is_contiguous():
         raise ValueError("history must be contiguous (the step updates it in place)")
 

@@ -36,8 +36,8 @@ def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module
         raise TypeError(f"schedule must be a diffusers {', '.join(FUSED_SCHEDULERS)}, a NoiseSchedule, a StepTable "
                         f"or None, got {type(schedule).__name__}")
     method = method or "ddpm"
-    if order is not None and not method.endswith("dpmsolver++"):
-        raise ValueError(f"order applies to method 'dpmsolver++' or 'sde-dpmsolver++' only, not {method!r}")
+    if order is not None and not method.endswith(("dpmsolver++", "unipc")):
+        raise ValueError(f"order applies to method 'dpmsolver++', 'sde-dpmsolver++' or 'unipc' only, not {method!r}")
     if eta and method != "ddim":
         raise ValueError(f"eta applies to method 'ddim' only, not {method!r}")
     return step_table(schedule, method, steps=steps, eta=eta, order=2 if order is None else order, start=start)
@@ -48,7 +48,7 @@ def scheduler_method(scheduler) -> str:
     if types.is_type(scheduler, "DPMSolverMultistepScheduler"):
         return scheduler.config.algorithm_type
     names = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-             "EulerAncestralDiscreteScheduler": "euler-ancestral"}
+             "EulerAncestralDiscreteScheduler": "euler-ancestral", "UniPCMultistepScheduler": "unipc"}
     return names[type(scheduler).__name__]
 
 

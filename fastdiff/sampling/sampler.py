@@ -1,4 +1,4 @@
-"""``fastdiff.Sampler``: the fast DDPM/DDIM/DPM-Solver++ sampling loop, one API on CPU and GPU.
+"""``fastdiff.Sampler``: the fast DDPM/DDIM/DPM-Solver++/UniPC sampling loop, one API on CPU and GPU.
 
 What runs:
 
@@ -68,8 +68,9 @@ class Sampler:
       fractional timesteps, ...) raise ValueError naming them;
     - a NoiseSchedule, turned into a table by ``method``/``steps``/``eta``/``order`` as
       :func:`fastdiff.schedulers.step_table` does (``method`` default "ddpm"; "dpmsolver++" or
-      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep; "euler", "euler-ancestral").
-      ``eta`` is DDIM's and ``order`` DPM-Solver++'s: given for another method they raise;
+      "sde-dpmsolver++" with ``order`` 1-3: DPM-Solver++ multistep; "unipc" with ``order`` 1-3:
+      UniPC bh2 predictor-corrector; "euler", "euler-ancestral").
+      ``eta`` is DDIM's and ``order`` the multistep solvers': given for another method they raise;
     - a ready StepTable;
     - None: the schedule the model was loaded with (``fastdiff.load_model`` sets
       ``model.fastdiff_schedule``), else linear with T = 1000 -- with a warning for a diffusers

@@ -1,5 +1,5 @@
 """The diffusion maths: noise schedules, the StepTable every sampler reads, one module per
-method (DDPM, DDIM, DPM-Solver++, Euler) and :func:`step_table`, the one entry that picks a method.
+method (DDPM, DDIM, DPM-Solver++, Euler, UniPC) and :func:`step_table`, the one entry that picks a method.
 
 May import: torch, numpy and its own modules. No method module imports this package back.
 """
@@ -20,17 +20,19 @@ from fastdiff.schedulers.schedules import (
     make_schedule,
 )
 from fastdiff.schedulers.timesteps import TIMESTEP_SPACINGS, leading_timesteps, spaced_timesteps
+from fastdiff.schedulers.unipc import unipc_table
 
-METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", *EULER_METHODS)
+METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", *EULER_METHODS, "unipc")
 #: The timestep spacing :func:`step_table` gives each method (diffusers' default for its scheduler;
 #: DPM-Solver++'s linspace is over S + 1 points, Euler's rounded to integer timesteps).
 DEFAULT_SPACINGS = {"ddpm": "leading", "ddim": "leading", "dpmsolver++": "linspace", "sde-dpmsolver++": "linspace",
-                    "euler": "linspace", "euler-ancestral": "linspace"}
+                    "euler": "linspace", "euler-ancestral": "linspace", "unipc": "linspace"}
 
 __all__ = [
-    "DDPM_FORMS", "DDPM_VARIANCES", "DEFAULT_SPACINGS", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS", "TIMESTEP_SPACINGS",
-    "NoiseSchedule", "StepTable", "cosine_schedule", "ddim_table", "ddpm_table", "dpmsolver_table", "euler_table",
-    "leading_timesteps", "linear_schedule", "make_schedule", "spaced_timesteps", "step_table",
+    "DDPM_FORMS", "DDPM_VARIANCES", "DEFAULT_SPACINGS", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS",
+    "TIMESTEP_SPACINGS", "NoiseSchedule", "StepTable", "cosine_schedule", "ddim_table", "ddpm_table",
+    "dpmsolver_table", "euler_table", "leading_timesteps", "linear_schedule", "make_schedule", "spaced_timesteps",
+    "step_table", "unipc_table",
 ]
 
 
@@ -44,14 +46,19 @@ def step_table(
     order: int = 2,
     start: int = 0,
 ) -> StepTable:
-    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``,
-    DPM-Solver++ of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"`` (20 steps by default,
-    diffusers' defaults otherwise: see :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table`), or
-    ``"euler"`` / ``"euler-ancestral"`` (30 steps by default, :func:`~fastdiff.schedulers.euler.euler_table`).
+    """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, DPM-Solver++
+    of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"``, or UniPC (bh2) of ``order`` 1-3,
+    ``"unipc"`` (20 steps by default, diffusers' defaults otherwise: see
+    :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table` and :func:`~fastdiff.schedulers.unipc.unipc_table`),
+    or ``"euler"`` / ``"euler-ancestral"`` (30 steps by default, :func:`~fastdiff.schedulers.euler.euler_table`).
     ``start``: the table of a run that begins at step ``start`` of the ``steps`` (img2img)."""
     if method in ("dpmsolver++", "sde-dpmsolver++"):
         return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method,
                                start=start)
+    if method == "unipc":
+        if eta:
+            raise ValueError(f"eta applies to method 'ddim' only; UniPC is deterministic, got eta={eta!r}")
+        return unipc_table(schedule, steps=20 if steps is None else steps, order=order, begin=start)
     if method == "ddpm":
         table = ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
     elif method == "ddim":

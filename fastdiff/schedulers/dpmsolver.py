@@ -72,7 +72,7 @@ def dpmsolver_table(
     coefs = torch.zeros((num - start, 6 + order - 1), dtype=torch.float64)
     for i in range(start, num):
         row = coefs[i - start]
-        row[0:2] = torch.tensor(_data_prediction(prediction, float(alpha[i]), float(sigma[i])))
+        row[0:2] = torch.tensor(data_prediction(prediction, float(alpha[i]), float(sigma[i])))
         step_order = _step_order(i, num, order, i - start, final_sigmas, lower_order_final, euler_at_final)
         row[2:] = _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
     return StepTable(algorithm, timesteps[start:], coefs.float(), None)
@@ -127,7 +127,7 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def _data_prediction(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
+def data_prediction(prediction: str, alpha: float, sigma: float) -> tuple[float, float]:
     """(c0, c1) with x0 = c0 * x_t - c1 * model_output."""
     if prediction == "epsilon":
         return 1.0 / alpha, sigma / alpha
@@ -187,12 +187,17 @@ def _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
 
 
 def _check_options(schedule, steps, order, algorithm, solver_type, prediction, spacing, final_sigmas) -> None:
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    check_multistep_options(schedule, steps, order, prediction, spacing, final_sigmas)
+
+
+def check_multistep_options(schedule, steps, order, prediction, spacing, final_sigmas) -> None:
+    """The options every multistep table built on :func:`dpmsolver_sigmas` shares (DPM-Solver++, UniPC)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if spacing not in SPACINGS:

@@ -11,6 +11,16 @@ DDPM (Ho et al. Algorithm 2 or the diffusers form) and DDIM are the same update:
 Multistep tables (DPM-Solver++, :mod:`fastdiff.schedulers.dpmsolver`) append one column per previous data
 prediction h[k] the step reads, x_prev += c[6 + k] * h[k]; DDPM/DDIM are the zero-history case.
 
+Predictor-corrector tables (UniPC, :mod:`fastdiff.schedulers.unipc`, ``corrector=True``) first correct
+the sample, then step from the corrected sample y in place of x_t; the last of their K history slots
+holds the previous step's y instead of a data prediction::
+
+    y      = u[0] * x_t + u[1] * x0 + sum_k u[2 + k] * h[k]     (u = c[6 + K:], 2 + K columns)
+    x_prev = c[2] * x0 + c[3] * y + c[4] * eps + c[5] * z + sum_k c[6 + k] * h[k]
+    h      = (x0, h[0], ..., h[K - 3], y)                       (data slots shift; the last slot takes y)
+
+A row is 6 + K columns wide, or 8 + 2K with the corrector; a step without correction has u = (1, 0, ...).
+
 Tables are computed in float64 and stored as float32 device tensors indexed by step, so a
 CUDA graph replays them by updating only a device step index.
 """
@@ -117,8 +127,9 @@ class StepTable:
 
     method: str
     timesteps: torch.Tensor  # (S,) int64
-    coefs: torch.Tensor  # (S, 6) float32
+    coefs: torch.Tensor  # (S, 6 + K), or (S, 8 + 2K) with the corrector, float32
     clip: float | None  # clamp x0 to [-clip, clip]; None: no clamp
+    corrector: bool = False  # predictor-corrector rows: the last history slot holds the corrected sample
 
     @property
     def num_steps(self) -> int:
@@ -126,8 +137,10 @@ class StepTable:
 
     @property
     def history_size(self) -> int:
-        """Previous data predictions each step reads (multistep solvers; 0 for DDPM/DDIM)."""
-        return self.coefs.shape[1] - len(STEP_COLUMNS)
+        """History slots each step reads (multistep solvers; 0 for DDPM/DDIM): previous data
+        predictions, and with the corrector the previous corrected sample in the last slot."""
+        extra = self.coefs.shape[1] - len(STEP_COLUMNS)
+        return (extra - 2) // 2 if self.corrector else extra
 
     def new_history(self, shape, device=None) -> torch.Tensor | None:
         """The zeroed (history_size, *shape) float32 buffer a run starts from; None if no history."""
@@ -136,7 +149,7 @@ class StepTable:
         return torch.zeros((self.history_size, *shape), dtype=torch.float32, device=device)
 
     def to(self, device) -> "StepTable":
-        return StepTable(self.method, self.timesteps.to(device), self.coefs.to(device), self.clip)
+        return StepTable(self.method, self.timesteps.to(device), self.coefs.to(device), self.clip, self.corrector)
 
     def tail(self, start: int) -> "StepTable":
         """Steps ``start``.. of a one-step method's table (DDPM, DDIM, Euler: no row depends on

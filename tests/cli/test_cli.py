@@ -63,8 +63,8 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
     assert difference.max() <= 1  # uint8 rounding of values that agree to ~1e-6
 
 
-@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m-sde", "euler", "euler-a"])
-def test_sample_with_dpm_solver_and_euler(tmp_path, capsys, sampler):
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m-sde", "euler", "euler-a", "unipc"])
+def test_sample_with_multistep_and_euler_samplers(tmp_path, capsys, sampler):
     out = tmp_path / "out"
     assert main(["sample", "--config", "tiny", "--sampler", sampler, "--steps", "3", "--batch", "2", "--no-progress",
                  "--out", str(out)]) == 0

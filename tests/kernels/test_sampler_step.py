@@ -9,6 +9,7 @@ from helpers import ELEMENTWISE_SHAPES as SHAPES
 from fastdiff.ops import reference
 from fastdiff.schedulers import ddpm_table, linear_schedule
 from fastdiff.schedulers.dpmsolver import dpmsolver_table
+from fastdiff.schedulers.unipc import unipc_table
 
 #: Diffusers-form DDPM over 10 of 1000 steps: x0 clipped, sigma > 0 except at the last step.
 TABLE = ddpm_table(linear_schedule(), steps=10, form="diffusers")
@@ -150,16 +151,50 @@ def test_history_steps_match_reference(shape, algorithm, mode, order):
         eps = torch.sin(3 * x)  # a new model output per step
 
 
+@pytest.mark.parametrize("table", [dpmsolver_table(linear_schedule(), steps=5, order=3),
+                                   unipc_table(linear_schedule(), steps=5, order=3)], ids=["dpmsolver++", "unipc"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_history_update_in_half_dtypes(dtype):
-    table = dpmsolver_table(linear_schedule(), steps=5, order=3)
+def test_history_update_in_half_dtypes(dtype, table):
     x_t, eps, _ = make_inputs((3, 3, 7, 5), dtype)
-    history = torch.randn((2, 3, 3, 7, 5), generator=torch.Generator().manual_seed(4)).to(dtype)
+    history = torch.randn((table.history_size, 3, 3, 7, 5), generator=torch.Generator().manual_seed(4)).to(dtype)
     ref_history = history.clone()
-    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=history)
+    x_prev, x0 = kernel.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=history, block=32)
     ref_prev, ref_x0 = reference.sampler_step(x_t, eps, torch.tensor(3), table.coefs, history=ref_history)
     assert_close(x_prev, ref_prev)
     assert_close(history, ref_history)
+
+
+# ---------------------------------------------------------------- predictor-corrector history (UniPC)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("order, begin, disable", [(1, 0, ()), (2, 0, (2,)), (3, 0, ()), (3, 2, ())])
+def test_corrector_steps_match_reference(shape, order, begin, disable):
+    """A whole UniPC run (order + 1 slots: data predictions, then the corrected sample): x_prev,
+    x0 and the in-place history agree with the reference at every step."""
+    table = unipc_table(linear_schedule(), steps=6, order=order, begin=begin, disable_corrector=disable)
+    x, eps, _ = make_inputs(shape, torch.float32)
+    history, ref_history = table.new_history(shape), table.new_history(shape)
+    for step in range(table.num_steps):
+        step_index = torch.tensor(step)
+        history.copy_(ref_history)
+        before = ref_history.clone()
+        x_prev, x0 = kernel.sampler_step(x, eps, step_index, table.coefs, history=history)
+        ref_prev, ref_x0 = reference.sampler_step(x, eps, step_index, table.coefs, history=ref_history)
+        assert_close(x_prev, ref_prev, msg=f"x_prev, step {step}")
+        assert_close(x0, ref_x0, msg=f"x0, step {step}")
+        assert_close(history, ref_history, msg=f"history, step {step}")
+        assert torch.equal(history[0], x0) and torch.equal(history[1:order], before[:order - 1])  # shifted
+        if step == 0:  # no correction at a run's first step: the sample slot keeps x_t
+            assert torch.equal(history[-1], x)
+        x, eps = ref_prev, torch.sin(3 * ref_prev)  # a new model output per step
+
+
+def test_corrector_out_of_range_step_gives_nan():
+    table = unipc_table(linear_schedule(), steps=4, order=2)
+    x_t, eps, _ = make_inputs((2, 3, 4, 4), torch.float32)
+    x_prev, _ = kernel.sampler_step(x_t, eps, torch.tensor(4), table.coefs, history=table.new_history(x_t.shape))
+    assert x_prev.isnan().all()
 
 
 # ---------------------------------------------------------------- in-kernel Philox noise

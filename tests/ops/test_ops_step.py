@@ -8,11 +8,14 @@ from helpers import assert_close, count_launches
 from fastdiff.ops import reference, sampler_step
 from fastdiff.schedulers import ddim_table, ddpm_table, linear_schedule
 from fastdiff.schedulers.dpmsolver import dpmsolver_table
+from fastdiff.schedulers.unipc import unipc_table
 
 SCHEDULE = linear_schedule()
 TABLE = ddpm_table(SCHEDULE, steps=10, form="diffusers")
 #: DPM-Solver++(3M) SDE: two history columns and noise.
 MULTISTEP = dpmsolver_table(SCHEDULE, steps=10, order=3, algorithm="sde-dpmsolver++")
+#: UniPC of order 3: three data predictions and the corrected sample, 8 + 2 * 4 columns.
+CORRECTOR = unipc_table(SCHEDULE, steps=10, order=3)
 SHAPE = (3, 3, 7, 5)
 
 
@@ -94,6 +97,19 @@ def test_history_matches_reference_and_is_updated_in_place(route, launches, mode
     assert len(launches) == (1 if route == "interpreted" else 0)
 
 
+def test_corrector_history_matches_reference_and_is_updated_in_place(route, launches):
+    x_t, eps, _ = make_inputs()
+    history = torch.randn((4, *SHAPE), generator=torch.Generator().manual_seed(2))
+    ref_history, before = history.clone(), history.clone()
+    x_prev, x0 = sampler_step(x_t, eps, torch.tensor(6), CORRECTOR.coefs, history=history)
+    ref_prev, _ = reference.sampler_step(x_t, eps, torch.tensor(6), CORRECTOR.coefs, history=ref_history)
+    assert_close(x_prev, ref_prev)
+    assert_close(history, ref_history)
+    assert torch.equal(history[0], x0) and torch.equal(history[1:3], before[0:2])  # data slots shifted
+    assert not torch.equal(history[3], before[3]) and not torch.equal(history[3], x_t)  # the corrected sample
+    assert len(launches) == (1 if route == "interpreted" else 0)
+
+
 # ---------------------------------------------------------------- bad arguments
 
 
@@ -156,10 +172,16 @@ def test_bad_history_raises_naming_it(value, error):
         sampler_step(**{**_valid_multistep_args(), "history": value})
 
 
+@pytest.mark.parametrize("slots", [1, 3, 5], ids=["too-few", "too-many", "over-max"])
+def test_history_that_does_not_fit_a_corrector_table_raises(slots):
+    with pytest.raises(ValueError, match=r"^history must have shape \(K, \*x_t.shape\)"):
+        sampler_step(**{**_valid_args(), "coefs": CORRECTOR.coefs, "history": torch.zeros((slots, *SHAPE))})
+
+
 def test_coefs_with_too_many_history_columns_raise():
-    coefs = torch.zeros(10, 9)
+    coefs = torch.zeros(10, 17)  # the corrector's layout with K = 5 > MAX_HISTORY
     with pytest.raises(ValueError, match=r"^coefs must have shape \(S, 6 \+ K\)"):
-        sampler_step(**{**_valid_multistep_args(), "coefs": coefs, "history": torch.zeros((3, *SHAPE))})
+        sampler_step(**{**_valid_multistep_args(), "coefs": coefs, "history": torch.zeros((5, *SHAPE))})
 
 
 @pytest.mark.parametrize(

@@ -314,3 +314,19 @@ def test_full_trajectory_on_the_shipped_model_within_1e_4(method, steps):
     noise = draw_noise(table, (2, 1, 16, 16), seed=11)
     expected = sample_reference(trained, table, noise=noise)
     assert max_abs(Sampler(trained, table).sample(noise=noise), expected) <= FP32_BAR
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_unipc_matches_reference_and_restarts_its_history(model, order):
+    sampler = Sampler(model, method="unipc", steps=5, order=order, compile=False)
+    assert sampler.table.corrector and sampler.table.history_size == order + 1
+    noise = draw_noise(sampler.table, SHAPE, seed=4)
+    expected = sample_reference(model, sampler.table, noise=noise)
+    scale = expected.abs().max().item()
+    assert max_abs(sampler.sample(noise=noise), expected) <= FP32_BAR * max(1.0, scale)
+    assert max_abs(sampler.sample(noise=noise), expected) <= FP32_BAR * max(1.0, scale)  # fresh history again
+
+
+def test_unipc_refuses_eta(model):
+    with pytest.raises(ValueError, match="^eta applies to method 'ddim' only"):
+        Sampler(model, method="unipc", steps=5, eta=0.5, compile=False)

@@ -5,7 +5,8 @@ Accepted objects:
 - fastdiff's :class:`~fastdiff.models.unet.UNet`, a diffusers ``UNet2DModel`` (plain, with
   ``AttnDownBlock2D``/``AttnUpBlock2D``, class-conditioned), or any other ``nn.Module``;
 - a diffusers ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` /
-  ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` (the README's scheduler table);
+  ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` / ``UniPCMultistepScheduler``
+  (the README's scheduler table);
 - a diffusers pipeline holding a ``unet`` and a ``scheduler`` (``DDPMPipeline``, ``DDIMPipeline``).
 
 What is replaced (see :mod:`~fastdiff.integrations.diffusers.modules`): each GroupNorm -> SiLU

@@ -18,19 +18,24 @@ import torch
 from fastdiff import ops
 from fastdiff.integrations.diffusers import types
 from fastdiff.schedulers import TIMESTEP_SPACINGS, NoiseSchedule, StepTable, ddim_table, ddpm_table
-from fastdiff.schedulers.dpmsolver import ALGORITHMS, PREDICTIONS, dpmsolver_table
+from fastdiff.schedulers.dpmsolver import ALGORITHMS, PREDICTIONS, SPACINGS, dpmsolver_table
 from fastdiff.schedulers.euler import PREDICTIONS as EULER_PREDICTIONS
 from fastdiff.schedulers.euler import euler_rows
+from fastdiff.schedulers.unipc import SOLVER_TYPES, undefined_final_step, unipc_table
 
 EULER_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 #: The scheduler classes a table reproduces.
-FUSED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", *EULER_SCHEDULERS)
+FUSED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", *EULER_SCHEDULERS,
+                    "UniPCMultistepScheduler")
 #: diffusers DDPM variance types whose sigma a StepTable reproduces (fixed_small_log is
 #: exp(0.5 log var) = sqrt(var), the same value).
 DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 #: DPMSolverMultistepScheduler config flags whose sigmas or conversions the tables do not reproduce.
 _UNFUSED_DPM_FLAGS = ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                       "use_flow_sigmas", "use_dynamic_shifting")
+#: UniPCMultistepScheduler config fields whose sigmas or conversions the tables do not reproduce.
+_UNFUSED_UNIPC_FLAGS = ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+                        "use_dynamic_shifting", "sigma_min", "sigma_max", "shift_terminal")
 
 
 def is_fused_scheduler(obj) -> bool:
@@ -41,6 +46,10 @@ def is_multistep(scheduler) -> bool:
     return types.is_type(scheduler, "DPMSolverMultistepScheduler")
 
 
+def is_unipc(scheduler) -> bool:
+    return types.is_type(scheduler, "UniPCMultistepScheduler")
+
+
 def unsupported_reason(scheduler) -> str | None:
     """Why a StepTable cannot reproduce this scheduler's step, or None when it can."""
     if not is_fused_scheduler(scheduler):
@@ -49,6 +58,8 @@ def unsupported_reason(scheduler) -> str | None:
         return _unsupported_dpmsolver(scheduler.config)
     if types.is_type(scheduler, *EULER_SCHEDULERS):
         return _unsupported_euler(scheduler)
+    if is_unipc(scheduler):
+        return _unsupported_unipc(scheduler)
     config = scheduler.config
     if config.prediction_type != "epsilon":
         return f"prediction_type {config.prediction_type!r} (only 'epsilon' is fused)"
@@ -81,6 +92,25 @@ def _unsupported_euler(scheduler) -> str | None:
     if scheduler.config.prediction_type not in fused:
         return f"prediction_type {scheduler.config.prediction_type!r} (fused: {', '.join(fused)})"
     return None
+def _unsupported_unipc(scheduler) -> str | None:
+    config = scheduler.config
+    if not scheduler.predict_x0:
+        return "predict_x0=False (only the data-prediction form, predict_x0=True, is fused)"
+    if scheduler.solver_p is not None:
+        return "solver_p (another scheduler as the predictor) is not fused"
+    if config.solver_type not in SOLVER_TYPES:
+        return f"solver_type {config.solver_type!r} (fused: {', '.join(SOLVER_TYPES)})"
+    if config.prediction_type not in PREDICTIONS:
+        return f"prediction_type {config.prediction_type!r} (fused: {', '.join(PREDICTIONS)})"
+    if config.timestep_spacing not in SPACINGS:
+        return f"timestep_spacing {config.timestep_spacing!r} (fused: {', '.join(SPACINGS)})"
+    if not 1 <= config.solver_order <= 3:
+        return f"solver_order {config.solver_order} (fused: 1, 2, 3)"
+    flags = [name for name in _UNFUSED_UNIPC_FLAGS if getattr(config, name, None) not in (None, False)]
+    if flags:
+        return f"{', '.join(flags)} not fused"
+    return undefined_final_step(config.solver_type, config.final_sigmas_type, config.solver_order,
+                                config.lower_order_final)
 
 
 def schedule_from_scheduler(scheduler) -> NoiseSchedule:
@@ -105,6 +135,8 @@ def table_from_scheduler(scheduler, steps: int | None = None, eta: float = 0.0,
         raise ValueError(f"fastdiff cannot reproduce this scheduler's step: {reason}")
     if is_multistep(scheduler):
         return dpmsolver_table_from_scheduler(scheduler, steps or scheduler.num_inference_steps or 20, start)
+    if is_unipc(scheduler):
+        return unipc_table_from_scheduler(scheduler, steps or scheduler.num_inference_steps or 20, start)
     if types.is_type(scheduler, *EULER_SCHEDULERS):
         table = _euler_table_from_scheduler(scheduler, steps or scheduler.num_inference_steps or 30)
         return table.tail(start) if start else table
@@ -149,6 +181,18 @@ def dpmsolver_table_from_scheduler(scheduler, steps: int, start: int = 0) -> Ste
         round_karras_timesteps=c.beta_schedule != "squaredcos_cap_v2", final_sigmas=c.final_sigmas_type,
         lower_order_final=c.lower_order_final, euler_at_final=c.euler_at_final,
         lambda_min_clipped=c.lambda_min_clipped, start=start,
+    )
+
+
+def unipc_table_from_scheduler(scheduler, steps: int, begin: int = 0) -> StepTable:
+    """The StepTable of a UniPCMultistepScheduler (its own betas, options and order) for ``steps``,
+    for a run that starts at step ``begin`` (``set_begin_index``)."""
+    c = scheduler.config
+    return unipc_table(
+        schedule_from_scheduler(scheduler), steps=steps, order=c.solver_order, solver_type=c.solver_type,
+        prediction=c.prediction_type, spacing=c.timestep_spacing, steps_offset=c.steps_offset,
+        karras=c.use_karras_sigmas, final_sigmas=c.final_sigmas_type, lower_order_final=c.lower_order_final,
+        disable_corrector=tuple(scheduler.disable_corrector), begin=begin,
     )
 
 
@@ -219,6 +263,14 @@ class FusedStep:
             reasons = "; ".join(f"{n}x {reason}" for reason, n in self.fallback_reasons.items())
             ran += f", {self.fallback_calls} by diffusers' own step ({reasons})"
         return ran
+
+    def multistep_output(self, x_prev: torch.Tensor, return_dict: bool):
+        """What a multistep scheduler's own ``step`` returns and leaves behind: its order warm-up
+        and step counters advanced past the fused step, ``x_prev`` wrapped as its output."""
+        s = self.scheduler
+        s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
+        s._step_index += 1
+        return scheduler_output(x_prev, return_dict)
 
 
 class FusedSchedulerStep(FusedStep):
@@ -324,9 +376,7 @@ class FusedDPMSolverStep(FusedStep):
             sample, model_output, fused.step_indices[s.step_index - self.start], fused.table.coefs,
             noise=self._noise(a), history=self.history,
         )
-        s.lower_order_nums = min(s.lower_order_nums + 1, s.config.solver_order)
-        s._step_index += 1
-        return scheduler_output(x_prev.to(model_output.dtype), a["return_dict"])
+        return self.multistep_output(x_prev.to(model_output.dtype), a["return_dict"])
 
     def _noise(self, a: dict) -> torch.Tensor | None:
         """The SDE form draws z at every step, as diffusers does; the ODE form none."""
@@ -397,6 +447,57 @@ class FusedEulerStep(FusedStep):
         return StepTable("euler-ancestral" if self.ancestral else "euler", s.timesteps.cpu(), coefs, None)
 
 
+class FusedUniPCStep(FusedStep):
+    """A diffusers ``UniPCMultistepScheduler.step`` through the fused table-driven step.
+
+    The previous data predictions and the last corrected sample live in one device buffer that
+    ``fastdiff.ops.sampler_step`` updates in place. A run starts where diffusers' step counter is
+    unset (after ``set_timesteps``): at ``set_begin_index(k)`` or the index of its first
+    timestep, with a fresh buffer and the table of a run from there (its orders restart, no
+    correction at its first step), as diffusers' own state does. Falls back to the original step
+    for a run whose timesteps the table does not produce (custom timesteps) and past the
+    schedule's end (where diffusers raises).
+    """
+
+    def __init__(self, scheduler):
+        super().__init__(scheduler)
+        self.history: torch.Tensor | None = None
+        self.begin = 0
+
+    def __call__(self, *args, **kwargs):
+        a = self.arguments(args, kwargs)
+        s = self.scheduler
+        if s.num_inference_steps is None:
+            return self.fallback(args, kwargs, "set_timesteps was not called")
+        first = s.step_index is None
+        if first:  # the first step of a run (set_timesteps resets the counter)
+            s._init_step_index(a["timestep"])
+            self.begin = s.step_index
+        fused = self._device_table(self.begin, a["sample"].device)
+        if isinstance(fused, str):
+            return self.fallback(args, kwargs, fused)
+        if s.step_index >= s.num_inference_steps:
+            return self.fallback(args, kwargs, "a step past the schedule's end (diffusers raises)")
+        self.fused_calls += 1
+        model_output, sample = a["model_output"], a["sample"]
+        x = sample.to(torch.float32)
+        if first or self.history is None or self.history.shape[1:] != x.shape:
+            self.history = fused.table.new_history(x.shape, x.device)
+        x_prev, _ = ops.sampler_step(x, model_output, fused.step_indices[s.step_index - self.begin],
+                                     fused.table.coefs, history=self.history)
+        return self.multistep_output(x_prev.to(sample.dtype), a["return_dict"])
+
+    def _device_table(self, begin: int, device) -> DeviceTable | str:
+        s = self.scheduler
+        key = (s.num_inference_steps, tuple(s.timesteps.tolist()), tuple(s.disable_corrector), begin, str(device))
+
+        def build():
+            table = unipc_table_from_scheduler(s, s.num_inference_steps, begin)
+            return self.mismatch(table, begin) or on_device(table, device)
+
+        return self.table(key, build)
+
+
 def scheduler_output(prev_sample: torch.Tensor, return_dict: bool):
     """diffusers' plain ``SchedulerOutput`` (or the tuple)."""
     if not return_dict:
@@ -412,4 +513,6 @@ def fused_step_for(scheduler) -> FusedStep:
         return FusedDPMSolverStep(scheduler)
     if types.is_type(scheduler, *EULER_SCHEDULERS):
         return FusedEulerStep(scheduler)
+    if is_unipc(scheduler):
+        return FusedUniPCStep(scheduler)
     return FusedSchedulerStep(scheduler)

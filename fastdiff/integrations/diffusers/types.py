@@ -30,6 +30,7 @@ def _load() -> SimpleNamespace:
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         UNet2DModel,
+        UniPCMultistepScheduler,
     )
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
     from diffusers.models.resnet import ResnetBlock2D
@@ -38,7 +39,7 @@ def _load() -> SimpleNamespace:
         DiffusionPipeline=DiffusionPipeline, UNet2DModel=UNet2DModel, DDPMScheduler=DDPMScheduler,
         DDIMScheduler=DDIMScheduler, DPMSolverMultistepScheduler=DPMSolverMultistepScheduler,
         EulerDiscreteScheduler=EulerDiscreteScheduler, EulerAncestralDiscreteScheduler=EulerAncestralDiscreteScheduler,
-        Attention=Attention,
+        UniPCMultistepScheduler=UniPCMultistepScheduler, Attention=Attention,
         AttnProcessor=AttnProcessor, AttnProcessor2_0=AttnProcessor2_0, ResnetBlock2D=ResnetBlock2D,
     )
 
