@@ -2,7 +2,9 @@
 
 Each case runs ``fastdiff sample --accelerate ...`` as a new process three times: ``--no-cache``
 (today's in-process compile), then into an empty ``--cache-dir`` (cold: compile and store),
-then again (warm: load). Time to first image is process start to images written: measured
+then again (warm: load). Each process gets an empty inductor cache folder of its own
+(``TORCHINDUCTOR_CACHE_DIR``), so no run reuses inductor's on-disk caches of another: "no
+cache" and "cold" are first runs, "warm" loads from fastdiff's cache alone. Time to first image is process start to images written: measured
 here around the process (until it exits) and printed by the command itself. The cold and warm
 images must be equal bit for bit. Writes ttfi.json beside this script.
 
@@ -35,9 +37,10 @@ CASES = {
 
 def run(args: list[str], out: Path) -> dict:
     load_before = os.getloadavg()
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(out.with_name(out.name + "-inductor"))}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fastdiff.cli", "sample", *args, "--out", str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{args} failed: {done.stderr}")

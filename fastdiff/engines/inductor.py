@@ -47,6 +47,7 @@ import types
 from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from fastdiff.engines.cache import ArtifactCache, Entry
 from fastdiff.engines.keys import environment
@@ -163,9 +164,17 @@ class Packaged:
 
 
 def load_package(path) -> Callable:
-    """An AOTInductor package, loaded. Inductor's check that the package's vector ISA matches
-    this CPU would compile and dlopen probe libraries in subprocesses (~1.5 s, and it only
-    warns); the cache key already holds the CPU's capability, so the check is told it may
-    trust the CPU's flags."""
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
-        return torch._inductor.aoti_load_package(str(path))
+    """An AOTInductor package, loaded by its C++ loader directly and called as
+    ``torch._inductor.aoti_load_package`` calls it (inputs flattened to tensors, outputs
+    unflattened by the package's call spec). Running a package needs none of inductor's Python
+    side: importing it (with dynamo) would be most of a warm start's cost (README, "Compiled-artifact
+    cache"), and its load-time check of the CPU's vector ISA compiles probe libraries in
+    subprocesses, while the cache key already holds the CPU's capability."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
+
+    def run(*args):
+        flat = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        return pytree.tree_unflatten(loader.boxed_run(flat), out_spec)
+
+    return run

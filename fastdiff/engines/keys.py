@@ -60,7 +60,7 @@ def environment(device: torch.device | str) -> dict:
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "fastdiff": fastdiff.__version__,
         "machine": platform.machine(),
         "device": device.type,
@@ -68,7 +68,8 @@ def environment(device: torch.device | str) -> dict:
     }
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, None where it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
