@@ -263,6 +263,7 @@ def test_verify_ddim_on_the_untrained_default_says_why(capsys):
 def test_compile_then_sample_loads_from_the_cache_and_cache_list_clear(tmp_path, capsys, monkeypatch):
     """Through OpenVINO (seconds to compile the tiny model): `fastdiff compile` builds, `sample`
     loads what it built, `--no-cache` compiles and stores nothing, and all draw the same images."""
+    pytest.importorskip("openvino")
     cache, unused = tmp_path / "cache", tmp_path / "unused"
     monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(unused))
     sample = ["sample", "--config", "tiny", "--steps", "2", "--batch", "2", "--no-progress", "--accelerate",
