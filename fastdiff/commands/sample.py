@@ -187,7 +187,8 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     try:
         result = shards.sample_model(
             model, table, args.out, args.num_images, device=device, shard_size=args.shard_size, seed=args.seed,
-            accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, merge=args.merge,
+            accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, cache=cache_arg(args),
+            merge=args.merge,
             progress=not args.no_progress, world=world,
         )
     except ValueError as e:

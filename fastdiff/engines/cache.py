@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,12 +60,10 @@ def file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """A verified entry: its folder, whether it was found (``hit``) or built, and the seconds
-    that took (verify + load is the caller's; build is the engine's compile)."""
+    """A verified entry: its folder, and whether it was found (``hit``) or built."""
 
     path: Path
     hit: bool
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -104,11 +101,10 @@ class ArtifactCache:
         key = json.loads(json.dumps(key))  # as the manifest will hold it (tuples become lists)
         folder = self.folder(kind, key)
         with self._locked(folder):
-            start = time.perf_counter()
             problem = verify(folder, kind, key)
             if problem is None:
                 os.utime(folder / MANIFEST)  # least recently used goes first
-                return Entry(folder, True, time.perf_counter() - start)
+                return Entry(folder, True)
             if problem != "missing":
                 warnings.warn(f"fastdiff cache: {folder} {problem}; rebuilding it", RuntimeWarning, stacklevel=3)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -118,9 +114,8 @@ class ArtifactCache:
                          for p in sorted(staging.rglob("*")) if p.is_file()}
                 manifest = {"format": FORMAT, "kind": kind, "key": key, "files": files}
                 atomic_write(staging / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-            seconds = time.perf_counter() - start
         self.evict(keep=folder)
-        return Entry(folder, False, seconds)
+        return Entry(folder, False)
 
     def entries(self) -> list[EntryInfo]:
         """The entries, least recently used first (unreadable ones with kind "?")."""

@@ -42,7 +42,6 @@ limit on one of them, it raises (``fullgraph``) rather than silently running eag
 from __future__ import annotations
 
 import itertools
-import time
 import types
 from collections.abc import Callable
 
@@ -129,18 +128,13 @@ class Packaged:
     """``fn`` compiled by AOTInductor under the inductor ``options`` on ``device``, one package per
     call :func:`signature`, kept in ``cache`` under ``key`` (what ``fn`` is: model, table, ...)
     plus the signature, options, thread count and :func:`~fastdiff.engines.keys.environment`.
-    Positional arguments only (None allowed). ``on_entry(entry, seconds)`` hears of each package
-    found or built, with the seconds it took to have it loaded."""
+    Positional arguments only (None allowed). ``on_entry(entry)`` hears of each package found or built."""
 
     def __init__(self, fn, options: dict, device: torch.device | str, cache: ArtifactCache, key: dict,
-                 on_entry: Callable[[Entry, float], None] = lambda entry, seconds: None):
+                 on_entry: Callable[[Entry], None] = lambda entry: None):
         self.fn, self.options, self.device, self.cache, self.key = fn, dict(options), torch.device(device), cache, key
         self.on_entry = on_entry
         self._loaded: dict[tuple, object] = {}
-
-    @property
-    def compiled_signatures(self) -> list[tuple]:
-        return list(self._loaded)
 
     def entry_key(self, args: tuple) -> dict:
         return {**self.key, "signature": [str(part) for part in signature(args, {})], "options": self.options,
@@ -150,10 +144,9 @@ class Packaged:
         sig = signature(args, {})
         runner = self._loaded.get(sig)
         if runner is None:
-            start = time.perf_counter()
             entry = self.cache.entry("inductor", self.entry_key(args), lambda folder: self._build(folder, args))
             runner = self._loaded[sig] = load_package(entry.path / PACKAGE)
-            self.on_entry(entry, time.perf_counter() - start)
+            self.on_entry(entry)
         return runner(*args)
 
     def _build(self, folder, args: tuple) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io
-import time
 import warnings
 from collections.abc import Callable
 
@@ -66,14 +65,14 @@ class OpenVINOModel(nn.Module):
     Compiles per input shape on first use (``prepare``); ``threads`` is OpenVINO's inference
     thread count; ``split_batch``: run even slices of the batch as parallel streams
     (:func:`streams_for`). ``cache``: keep the converted and compiled models there under ``key``
-    (what the model is) and the shapes, config and environment; ``on_entry(entry, seconds)``
-    hears of each compiled model found or built, with the seconds until it was ready."""
+    (what the model is) and the shapes, config and environment; ``on_entry(entry)`` hears of
+    each compiled model found or built."""
 
     IR_FILE, BLOB_FILE = "model.xml", "compiled.blob"
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None, threads: int, split_batch: bool = False,
                  cache: ArtifactCache | None = None, key: dict | None = None,
-                 on_entry: Callable[[Entry, float], None] = lambda entry, seconds: None):
+                 on_entry: Callable[[Entry], None] = lambda entry: None):
         super().__init__()
         if dtype is not None and dtype not in PRECISIONS:
             raise ValueError(f"OpenVINO runs {', '.join(map(str, PRECISIONS))}, got {dtype}")
@@ -117,7 +116,6 @@ class OpenVINOModel(nn.Module):
             # openvino is optional (fastdiff[cpu])
             import openvino as ov
 
-            start = time.perf_counter()
             streams = self.streams(key[0][0])
             config = {"INFERENCE_NUM_THREADS": self.threads}
             config.update({"PERFORMANCE_HINT": "LATENCY"} if streams == 1 else {"NUM_STREAMS": streams})
@@ -149,7 +147,7 @@ class OpenVINOModel(nn.Module):
                 else:
                     blob = io.BytesIO((entry.path / self.BLOB_FILE).read_bytes())
                     compiled = ov.Core().import_model(blob, "CPU", config)
-                self.on_entry(entry, time.perf_counter() - start)
+                self.on_entry(entry)
             self._requests[key] = [compiled.create_infer_request() for _ in range(streams)]
         return self._requests[key]
 

@@ -81,9 +81,9 @@ class PreparedSteps:
         self.eager, self.engine, self.device, self.dtype, self.table = eager, engine, device, dtype, table
         self.compile_mode, self.graphs_mode, self._note = compile_mode, graphs_mode, note
         self.cache = cache
-        #: the cache entries each prepared key found or built, with the seconds to have them loaded
-        self.entries: dict[GraphKey, list[tuple[Entry, float]]] = {}
-        self._preparing: list[tuple[Entry, float]] = []
+        #: the cache entries each prepared key found or built
+        self.entries: dict[GraphKey, list[Entry]] = {}
+        self._preparing: list[Entry] = []
         self.compiled = None  # the step the engine runs: compiled per key on first use
         key = self._cache_key(eps_model, eager) if cache is not None else None
         if engine == "openvino":
@@ -113,13 +113,13 @@ class PreparedSteps:
             "kernels": backend.kernel_path(self.device),
         }
 
-    def _heard(self, entry: Entry, seconds: float) -> None:
-        self._preparing.append((entry, seconds))
+    def _heard(self, entry: Entry) -> None:
+        self._preparing.append(entry)
 
     def loaded_from_cache(self, key: GraphKey) -> bool:
         """Whether ``key``'s compiled step came whole from the cache (nothing compiled)."""
         found = self.entries.get(key, [])
-        return bool(found) and all(entry.hit for entry, _ in found)
+        return bool(found) and all(entry.hit for entry in found)
 
     def key(self, x_t: torch.Tensor, class_labels, noise_mode: str) -> GraphKey:
         return GraphKey(x_t.shape[0], tuple(x_t.shape[1:]), self.dtype, class_labels is not None, noise_mode,
