@@ -248,7 +248,7 @@ def expected_compile_time(sampler) -> str:
     if not sampler.compiled:
         return "no compile"
     if sampler.engine == "openvino":
-        return "several seconds" + cached
+        return "seconds; tens of seconds for a large model's first conversion" + cached
     if sampler.device.type == "cuda":
         return "minutes with max-autotune" + cached
     return "about a minute on a 2-core CPU" + cached
