@@ -31,6 +31,8 @@ COMMANDS = {
     "train": "fastdiff.commands.train",
     "fidelity": "fastdiff.commands.fidelity",
     "bench": "fastdiff.commands.bench",
+    "compile": "fastdiff.commands.compile",
+    "cache": "fastdiff.commands.cache",
 }
 
 

@@ -42,9 +42,25 @@ def make_grid(images, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     return grid
 
 
-def save_grid_png(images, path, nrow: int | None = None) -> Path:
-    """Write the images as one PNG grid (``nrow`` per row, default about square), atomically."""
-    grid = make_grid(images, nrow)
+#: Small images are scaled up in the PNG grid until each tile is at least this many pixels a side.
+MIN_TILE_PIXELS = 64
+
+
+def grid_scale(height: int, width: int) -> int:
+    """The whole-number nearest-neighbour scale that makes a (height, width) tile at least
+    :data:`MIN_TILE_PIXELS` a side (1 for tiles that already are): 16x16 digits -> 4."""
+    return max(1, -(-MIN_TILE_PIXELS // max(height, width)))
+
+
+def save_grid_png(images, path, nrow: int | None = None, scale: int | None = None) -> Path:
+    """Write the images as one PNG grid (``nrow`` per row, default about square), atomically,
+    scaled up ``scale`` times by nearest neighbour (default :func:`grid_scale`: small images
+    become visible at a glance; the .npz keeps the true pixels)."""
+    array = _as_uint8_nhwc(images)
+    scale = grid_scale(*array.shape[1:3]) if scale is None else scale
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    grid = make_grid(array, nrow).repeat(scale, axis=0).repeat(scale, axis=1)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 

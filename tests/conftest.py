@@ -1,12 +1,19 @@
 """Test-wide set-up. Without a GPU, kernels run under Triton's interpreter, which must be
-switched on before anything imports triton."""
+switched on before anything imports triton. The compiled-artifact cache is a temporary folder
+of this session (subprocesses inherit it): no test reads or writes the user's cache."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ["FASTDIFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTDIFF_CACHE_DIR"], True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,6 @@ the code's commit, the command line, and how busy the machine was."""
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
 import subprocess
@@ -13,14 +12,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from fastdiff.engines.keys import package_version
+
 _PACKAGES = ("torch", "triton", "diffusers", "numpy", "nvidia-ml-py", "fastdiff")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def cpu_model() -> str:
@@ -65,7 +59,7 @@ def collect(device) -> dict:
         "command_line": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in _PACKAGES},
+        "packages": {name: package_version(name) for name in _PACKAGES},
         "torch_build": {"version": torch.__version__, "cuda": torch.version.cuda,
                         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
         "device": str(device),

@@ -360,6 +360,9 @@ def _bench_batch(batch, settings, cfg, table, device, paths, path_report, memory
         if done is not None:
             rows[name]["warmup_s"] = done[0]
             outputs[name] = done[1]
+            if paths[name].warm_start is not None:
+                bar.show(f"batch {batch} | {name} | warm start from the cache")
+                rows[name]["warm_start_s"] = paths[name].warm_start(noise, class_labels)
             if device.type == "cuda":  # e.g. CUDA graphs capture on the second call: discard it too
                 call(name, "second warm-up")
     order = list(paths)

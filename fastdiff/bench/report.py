@@ -70,7 +70,7 @@ def markdown_table(result: dict) -> str:
     """The per-path, per-batch table printed at the end of a run (median [p10-p90])."""
     paths = result["paths"]
     lines = [
-        "| path | batch | images/s | ms/step | warm-up s | speedup | TFLOP/s | % roof | peak mem MiB (+call) "
+        "| path | batch | images/s | ms/step | warm-up s (cold / warm) | speedup | TFLOP/s | % roof | peak mem MiB (+call) "
         "| max abs vs ref | PSNR dB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -78,7 +78,7 @@ def markdown_table(result: dict) -> str:
         mem = row["memory"]
         lines.append(
             f"| {paths[row['path']]['label']} | {row['batch']} | {_spread(row['images_per_s'], 2)} "
-            f"| {_spread(row['ms_per_step'], 1)} | {row.get('warmup_s', float('nan')):.2f} "
+            f"| {_spread(row['ms_per_step'], 1)} | {_warmup(row)} "
             f"| {_speedup(row['speedup_vs_reference'])} | {row['tflops']:.4f} | {row['pct_of_roof']:.1f} "
             f"| {mem['peak_bytes'] / MIB:.0f} (+{mem['peak_above_start_bytes'] / MIB:.0f}) "
             f"| {_max_abs(row.get('fidelity_vs_reference'))} | {_psnr(row.get('fidelity_vs_reference'))} |"
@@ -89,6 +89,13 @@ def markdown_table(result: dict) -> str:
         extra = "".join(f"; note: {n}" for n in described.get("notes", []))
         notes.append(f"- fastdiff path: {described['path']}{extra}")
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _warmup(row: dict) -> str:
+    """The first call's seconds (compile included: a cold start), and where the path keeps its
+    compiled code, a new instance's first call loading it (a warm start)."""
+    cold = f"{row.get('warmup_s', float('nan')):.2f}"
+    return f"{cold} / {row['warm_start_s']:.2f}" if "warm_start_s" in row else cold
 
 
 def render(result: dict) -> str:

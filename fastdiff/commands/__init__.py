@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import re
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -111,6 +112,27 @@ def load_model_arg(args: argparse.Namespace, device: str):
         return load_model(args.model, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model: {e}") from None
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cache-dir", type=Path, metavar="FOLDER",
+                       help="compiled-artifact cache (default: $FASTDIFF_CACHE_DIR, else $XDG_CACHE_HOME/fastdiff, "
+                            "else ~/.cache/fastdiff)")
+    group.add_argument("--no-cache", action="store_true",
+                       help="compile in this process only: neither load nor store compiled steps")
+
+
+def cache_arg(args: argparse.Namespace):
+    """--cache-dir / --no-cache as the Sampler's ``cache`` argument; a --cache-dir that is a
+    file is a usage error."""
+    if args.no_cache:
+        return False
+    if args.cache_dir is None:
+        return "auto"
+    if args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise UsageError(f"--cache-dir {args.cache_dir}: exists and is not a folder")
+    return args.cache_dir
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,14 @@ import os
 import time
 from pathlib import Path
 
+import psutil
+
 from fastdiff.commands import (
     UsageError,
+    add_cache_arguments,
     add_threads_argument,
     apply_threads,
+    cache_arg,
     load_model_arg,
     non_negative_float,
     positive_int,
@@ -25,21 +29,7 @@ PNG_NAME, NPZ_NAME = "samples.png", "samples.npz"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--model", metavar="FOLDER", type=Path,
-        help="model folder with config.json + model.safetensors (default: the built-in model)",
-    )
-    source.add_argument("--config", choices=PRESETS, help="sample a random-init model of this preset instead")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                        help="ddpm, ddim, or DPM-Solver++ multistep of order 2/3, deterministic or SDE "
-                             "(default: %(default)s)")
-    parser.add_argument(
-        "--steps", type=positive_int,
-        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++* and unipc, "
-             "T for ddpm)",
-    )
-    parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
+    add_model_and_sampler_arguments(parser)
     parser.add_argument("--batch", type=positive_int, default=16, help="number of images (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, default=0, help="noise seed; same seed, same images (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
@@ -62,6 +52,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPE_NAMES, default="float32",
         help="model precision with --accelerate; step maths stay float32 (default: %(default)s)",
     )
+    add_cache_arguments(parser)
+
+
+def add_model_and_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--config, --sampler, --steps, --eta: what `fastdiff sample` and `fastdiff compile` share."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", metavar="FOLDER", type=Path,
+        help="model folder with config.json + model.safetensors (default: the built-in model)",
+    )
+    source.add_argument("--config", choices=PRESETS, help="sample a random-init model of this preset instead")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                        help="ddpm, ddim, or DPM-Solver++ multistep of order 2/3, deterministic or SDE "
+                             "(default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=positive_int,
+        help=f"sampling steps, 1..T (default: {DEFAULT_DDIM_STEPS} for ddim, 20 for dpm++* and unipc, 30 for euler*, "
+             "T for ddpm)",
+    )
+    parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
         class_labels = torch.arange(args.batch, dtype=torch.int64) % config.num_classes
     path_name, warmup, sample = build_sampler(
         model, table, device, progress=not args.no_progress,
-        accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None,
+        accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, cache=cache_arg(args),
     )
 
     print(f"model:   {info.description}")
-    print(f"path:    {path_name} on {device}")
+    print(f"path:    {path_name}")
     print(f"threads: {threads}")
     print(f"sampler: {args.sampler}, {steps} steps" + (f", eta {args.eta or 0.0}" if args.sampler == "ddim" else "")
           + f", batch {args.batch} of {config.image_size}x{config.image_size}, seed {args.seed}"
@@ -123,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         save_grid_png(images, staging / PNG_NAME)
         pause_point("sample-between-files")
         save_npz(images, staging / NPZ_NAME)
-    print(f"time:    {seconds:.2f} s for {args.batch} images ({seconds / steps * 1000:.1f} ms/step)")
+    print(f"time:    {seconds:.2f} s for {args.batch} images ({seconds / steps * 1000:.1f} ms/step); time to first "
+          f"image {time.time() - psutil.Process().create_time():.1f} s (process start to images written)")
     print(f"wrote:   {args.out / PNG_NAME} and {args.out / NPZ_NAME}")
     return 0
 
@@ -177,7 +188,8 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     try:
         result = shards.sample_model(
             model, table, args.out, args.num_images, device=device, shard_size=args.shard_size, seed=args.seed,
-            accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, merge=args.merge,
+            accelerated_dtype=getattr(torch, args.dtype) if args.accelerate else None, cache=cache_arg(args),
+            merge=args.merge,
             progress=not args.no_progress, world=world,
         )
     except ValueError as e:
@@ -191,26 +203,32 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     return 0
 
 
-def build_sampler(model, table, device: str, progress: bool = True, accelerated_dtype=None):
+def build_sampler(model, table, device: str, progress: bool = True, accelerated_dtype=None, cache="auto"):
     """The execution path of ``fastdiff sample``: returns (name, warmup(shape, class_labels),
     sample(shape, seed, class_labels)); warm-up (compilation) is kept out of the timed run.
 
     The one place that picks the path: the eager reference, or with ``accelerated_dtype`` the
-    accelerated :class:`fastdiff.Sampler` (its own description names what actually ran).
+    accelerated :class:`fastdiff.Sampler` (its own description names what actually ran), its
+    compiled steps kept in ``cache`` (the Sampler's argument).
     """
     from fastdiff.sampling import sample_reference
 
     if accelerated_dtype is not None:
         from fastdiff.sampling.sampler import Sampler
 
-        sampler = Sampler(model, table, dtype=accelerated_dtype, device=device)
+        sampler = Sampler(model, table, dtype=accelerated_dtype, device=device, cache=cache)
 
         def warmup(shape, class_labels):
-            what = "compiling" + (" and capturing" if sampler.cuda_graphs else "") if sampler.compiled else "preparing"
+            graphs = " and capturing" if sampler.cuda_graphs else ""
+            what = f"compiling{graphs}" if sampler.compiled else "preparing"
             print(f"warm-up: {what} the sampling step for batch {shape[0]} (once per shape; "
-                  "about a minute on a 2-core CPU) ...", flush=True)
+                  f"{expected_compile_time(sampler)}) ...", flush=True)
             seconds = sampler.warmup(shape[0], class_labels)
-            print(f"warm-up: {seconds:.2f} s (compile{' + CUDA graph capture' if sampler.cuda_graphs else ''})")
+            capture = " (+ CUDA graph capture)" if sampler.cuda_graphs else ""
+            if sampler.loaded_from_cache(shape[0], class_labels):
+                print(f"warm-up: loaded compiled step from cache in {seconds:.2f} s{capture}")
+            else:
+                print(f"warm-up: {'compiled' if sampler.compiled else 'prepared'} in {seconds:.2f} s{capture}")
 
         def sample_fast(shape, seed, class_labels):
             return sampler.sample(batch=shape[0], seed=seed, class_labels=class_labels, progress=progress)
@@ -222,6 +240,16 @@ def build_sampler(model, table, device: str, progress: bool = True, accelerated_
             model, table, shape=shape, seed=seed, class_labels=class_labels, device=device, progress=progress
         )
 
-    return "reference (eager PyTorch)", lambda shape, class_labels: None, sample
+    return f"reference (eager PyTorch) on {device}", lambda shape, class_labels: None, sample
 
 
+def expected_compile_time(sampler) -> str:
+    """What the first compile of a shape costs with this sampler's engine, in words."""
+    cached = "; a second or two when the cache has it" if sampler.describe()["cache"] else ""
+    if not sampler.compiled:
+        return "no compile"
+    if sampler.engine == "openvino":
+        return "seconds; tens of seconds for a large model's first conversion" + cached
+    if sampler.device.type == "cuda":
+        return "minutes with max-autotune" + cached
+    return "about a minute on a 2-core CPU" + cached

@@ -19,6 +19,13 @@ constant folding). CUDA graphs stay off in inductor because :mod:`fastdiff.engin
 whole step (UNet + fused step op) itself. ``autotune=False`` skips the autotuning (much shorter
 compile) for tests and quick runs.
 
+Persistent (:class:`Packaged`, what the Sampler uses where a cache is on): each signature is
+exported (``torch.export``) and compiled ahead of time by AOTInductor under the same inductor
+options into a package kept in the :class:`~fastdiff.engines.cache.ArtifactCache`; a later
+process loads the package (a shared library and the frozen constants) in well under a second
+instead of tracing and compiling again. Chosen over inductor's own FX-graph cache, with which
+dynamo still traces every run (README, "Compiled-artifact cache").
+
 Always ``fullgraph=True`` (a graph break is a bug to fix, not a slow path to accept) and
 ``dynamic=False`` (one static graph per batch size, as CUDA graphs need anyway).
 
@@ -36,8 +43,13 @@ from __future__ import annotations
 
 import itertools
 import types
+from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
+
+from fastdiff.engines.cache import ArtifactCache, Entry
+from fastdiff.engines.keys import environment
 
 CPU_OPTIONS = {"freezing": True}
 CUDA_OPTIONS = {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True, "triton.cudagraphs": False}
@@ -106,3 +118,56 @@ class Compiled:
 def compile_for(fn, device: torch.device | str, autotune: bool = True) -> Compiled:
     """``fn`` compiled with fastdiff's settings for ``device`` (see the module docstring)."""
     return Compiled(fn, inductor_options(device, autotune))
+
+
+#: The file an inductor cache entry holds: the AOTInductor package of one signature.
+PACKAGE = "step.pt2"
+
+
+class Packaged:
+    """``fn`` compiled by AOTInductor under the inductor ``options`` on ``device``, one package per
+    call :func:`signature`, kept in ``cache`` under ``key`` (what ``fn`` is: model, table, ...)
+    plus the signature, options, thread count and :func:`~fastdiff.engines.keys.environment`.
+    Positional arguments only (None allowed). ``on_entry(entry)`` hears of each package found or built."""
+
+    def __init__(self, fn, options: dict, device: torch.device | str, cache: ArtifactCache, key: dict,
+                 on_entry: Callable[[Entry], None] = lambda entry: None):
+        self.fn, self.options, self.device, self.cache, self.key = fn, dict(options), torch.device(device), cache, key
+        self.on_entry = on_entry
+        self._loaded: dict[tuple, object] = {}
+
+    def entry_key(self, args: tuple) -> dict:
+        return {**self.key, "signature": [str(part) for part in signature(args, {})], "options": self.options,
+                "threads": torch.get_num_threads(), "environment": environment(self.device)}
+
+    def __call__(self, *args):
+        sig = signature(args, {})
+        runner = self._loaded.get(sig)
+        if runner is None:
+            entry = self.cache.entry("inductor", self.entry_key(args), lambda folder: self._build(folder, args))
+            runner = self._loaded[sig] = load_package(entry.path / PACKAGE)
+            self.on_entry(entry)
+        return runner(*args)
+
+    def _build(self, folder, args: tuple) -> None:
+        with torch.no_grad():  # freezing applies under no_grad only
+            exported = torch.export.export(self.fn, args)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / PACKAGE),
+                                                     inductor_configs=self.options)
+
+
+def load_package(path) -> Callable:
+    """An AOTInductor package, loaded by its C++ loader directly and called as
+    ``torch._inductor.aoti_load_package`` calls it (inputs flattened to tensors, outputs
+    unflattened by the package's call spec). Running a package needs none of inductor's Python
+    side: importing it (with dynamo) would be most of a warm start's cost (README, "Compiled-artifact
+    cache"), and its load-time check of the CPU's vector ISA compiles probe libraries in
+    subprocesses, while the cache key already holds the CPU's capability."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
+
+    def run(*args):
+        flat = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        return pytree.tree_unflatten(loader.boxed_run(flat), out_spec)
+
+    return run

@@ -46,7 +46,7 @@ from fastdiff.models.folders import SCHEDULE_ATTRIBUTE
 from fastdiff.ops import backend
 from fastdiff.ops.attention import recording_routes
 from fastdiff.sampling import placement
-from fastdiff.sampling.engine import AUTO, PreparedSteps, choose_engine
+from fastdiff.sampling.engine import AUTO, PreparedSteps, choose_engine, resolve_cache
 from fastdiff.sampling.inputs import check_class_labels, check_shape
 from fastdiff.sampling.loop import run_steps
 from fastdiff.sampling.noise import ExternalNoise, draw_noise
@@ -87,7 +87,11 @@ class Sampler:
 
     ``compile``/``cuda_graphs``: True, False or "auto" (compile
     everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": on CUDA
-    and for half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
+    and for half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets.
+
+    ``cache``: where compiled steps are kept for later processes (:mod:`fastdiff.engines.cache`):
+    "auto" (``$FASTDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastdiff``), a folder, an
+    ArtifactCache, or False (compile in this process only: inductor then runs torch.compile)."""
 
     def __init__(
         self,
@@ -107,6 +111,7 @@ class Sampler:
         image_shape: tuple[int, int, int] | None = None,
         autotune: bool = True,
         engine: str = AUTO,
+        cache=AUTO,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,6 +152,7 @@ class Sampler:
         self._steps = PreparedSteps(
             DenoiseStep(fast, self.table, dtype, self.channels_last), eps_model, self.table, self.engine,
             self.device, dtype, autotune, self.cuda_graphs, compile, cuda_graphs, self._note,
+            resolve_cache(cache) if self.engine != "eager" else None,
         )
         #: attention routes the model's calls took (fastdiff.ops.attention.recording_routes)
         self._attention_routes: set[str] = set()
@@ -174,36 +180,50 @@ class Sampler:
     def warmup(self, batch: int = 1, class_labels: torch.Tensor | None = None, external_noise: bool = False) -> float:
         """Compile (and on a GPU capture) for ``batch`` ahead of sampling; returns the seconds taken.
         ``external_noise``: prepare the path ``sample(noise=...)`` takes (on a GPU seed mode differs)."""
-        if self.image_shape is None:
-            raise ValueError("warmup needs the image shape: pass image_shape= to Sampler")
         start = time.perf_counter()
-        x = torch.zeros((batch, *self.image_shape), device=self.device)
-        class_labels = self._labels(class_labels, batch)
-        philox = self.philox_seed_mode and not external_noise
+        key = self._warmup_key(batch, class_labels, external_noise)
         with torch.no_grad(), backend.on_device(self.device), backend.exact_fp32(), \
                 recording_routes(self._attention_routes):
-            self._steps.prepare(self._steps.key(x, class_labels, "philox" if philox else "given"))
+            self._steps.prepare(key)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+    def loaded_from_cache(self, batch: int = 1, class_labels: torch.Tensor | None = None,
+                          external_noise: bool = False) -> bool:
+        """Whether the compiled step for what ``warmup`` with these arguments prepared came from
+        the compiled-artifact cache (loaded, nothing compiled)."""
+        return self._steps.loaded_from_cache(self._warmup_key(batch, class_labels, external_noise))
+
+    def _warmup_key(self, batch, class_labels, external_noise):
+        if self.image_shape is None:
+            raise ValueError("warmup needs the image shape: pass image_shape= to Sampler")
+        x = torch.zeros((batch, *self.image_shape), device=self.device)
+        philox = self.philox_seed_mode and not external_noise
+        return self._steps.key(x, self._labels(class_labels, batch), "philox" if philox else "given")
 
     def describe(self) -> dict:
         """What runs: path (in words), device, dtype, compiled, cuda_graphs, kernels, the attention
         routes taken, and notes."""
         if self.engine == "openvino":
+            threads = self._steps.compiled.model.threads
+            streams = (f"split into up to {threads} parallel one-thread streams where it divides evenly"
+                       if threads > 1 else "one stream")
             parts = [f"model run by OpenVINO {openvino.version()} on the CPU ({PRECISIONS[self.dtype]} "
-                     "inference precision, a static-shape compile per batch, split into up to "
-                     f"{self._steps.compiled.model.threads} parallel one-thread streams where it divides evenly)"]
+                     f"inference precision, a static-shape compile per batch, {streams})"]
         else:
             parts = [f"accelerated model ({_replaced_summary(self.report)}; ops: {self.kernels})"]
         if self.engine == "inductor":
             autotuned = self.device.type == "cuda" and self.autotune
-            parts.append("torch.compile (inductor, freezing" + (", max-autotune)" if autotuned else ")"))
+            how = "AOTInductor" if self._steps.cache is not None else "torch.compile"
+            parts.append(how + " (inductor, freezing" + (", max-autotune)" if autotuned else ")"))
+        if self._steps.cache is not None:
+            parts.append(f"compiled-artifact cache in {self._steps.cache.root}")
         if self._steps.eager_keys:
             parts.append(f"eager for {'; '.join(sorted(map(str, self._steps.eager_keys)))} ({self.engine} failed)")
         layout = " channels_last" if self.channels_last and self.engine != "openvino" else ""
         parts.append(f"model in {_dtype_name(self.dtype)}{layout}, step maths in float32")
-        parts.append("CUDA graph per shape" if self.cuda_graphs else f"eager step loop on {self.device.type}")
+        parts.append(f"CUDA graph per shape on {self.device}" if self.cuda_graphs else f"eager step loop on {self.device}")
         if self._attention_routes:
             parts.append(f"attention: {'; '.join(sorted(self._attention_routes))}")
         return {
@@ -218,6 +238,7 @@ class Sampler:
             # routes taken so far (sdpa-flash / fastdiff-kernel / reference, with D and dtype); empty
             # before the first run, or where attention ran on the reference route inside compiled code
             "attention": sorted(self._attention_routes),
+            "cache": None if self._steps.cache is None else str(self._steps.cache.root),
             "noise": "seed mode: z " + ("drawn in-kernel (Philox)" if self.philox_seed_mode else "from draw_noise"),
             "notes": list(self.notes),
         }

@@ -267,11 +267,12 @@ def load_images(out) -> np.ndarray:
 
 def sample_model(
     model: torch.nn.Module, table: StepTable, out, num_images: int, *, device="cpu",
-    accelerated_dtype: torch.dtype | None = None, **options,
+    accelerated_dtype: torch.dtype | None = None, cache="auto", **options,
 ) -> ShardRunResult:
     """:func:`sample_shards` for a fastdiff ``UNet``: the eager reference sampler, or with
     ``accelerated_dtype`` the accelerated :class:`fastdiff.Sampler`, each shard from its
-    per-image noise. ``options``: those of :func:`sample_shards`."""
+    per-image noise, its compiled steps kept in ``cache`` (the Sampler's argument). ``options``:
+    those of :func:`sample_shards`."""
     config = model.config
     image_shape = (config.in_channels, config.image_size, config.image_size)
     if accelerated_dtype is None:
@@ -280,7 +281,7 @@ def sample_model(
         def sample(noise, class_labels):
             return sample_reference(model, table, noise=noise, class_labels=class_labels, device=device)
     else:
-        sampler = Sampler(model, table, dtype=accelerated_dtype, device=device)
+        sampler = Sampler(model, table, dtype=accelerated_dtype, device=device, cache=cache)
         path = f"accelerated {str(accelerated_dtype).removeprefix('torch.')}"
 
         def sample(noise, class_labels):

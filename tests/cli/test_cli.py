@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def test_sample_writes_grid_and_npz(tmp_path, capsys):
     from PIL import Image
 
     with Image.open(tmp_path / "out" / "samples.png") as picture:
-        assert picture.size == (2 + 2 * 18, 2 + 1 * 18)
+        assert picture.size == (4 * (2 + 2 * 18), 4 * (2 + 1 * 18))  # 16x16 tiles scaled up 4 times
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["samples.npz", "samples.png"]
 
 
@@ -57,7 +58,8 @@ def test_sample_accelerated_matches_the_reference(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "accelerated model" in out and "warm-up:" in out
     # a progress line comes before the (long) compile, the seconds it took after it
-    assert out.index("warm-up: compiling the sampling step for batch 2") < out.index(" s (compile")
+    took = re.search(r"warm-up: (compiled|loaded compiled step from cache) in [\d.]+ s", out)
+    assert took and out.index("warm-up: compiling the sampling step for batch 2") < took.start()
     assert main([*TINY_SAMPLE, "--out", str(tmp_path / "ref")]) == 0
     difference = np.abs(_images(tmp_path / "fast").astype(int) - _images(tmp_path / "ref").astype(int))
     assert difference.max() <= 1  # uint8 rounding of values that agree to ~1e-6
@@ -258,3 +260,30 @@ def test_verify_ddim_on_the_untrained_default_says_why(capsys):
     out = capsys.readouterr().out
     assert "bar not met (PSNR >= 30 dB)" in out and "plain PyTorch in bfloat16 (eager) is itself at" in out
     assert "-> PASS (2x rule" in out and "FAIL" not in out
+
+
+def test_compile_then_sample_loads_from_the_cache_and_cache_list_clear(tmp_path, capsys, monkeypatch):
+    """Through OpenVINO (seconds to compile the tiny model): `fastdiff compile` builds, `sample`
+    loads what it built, `--no-cache` compiles and stores nothing, and all draw the same images."""
+    pytest.importorskip("openvino")
+    cache, unused = tmp_path / "cache", tmp_path / "unused"
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(unused))
+    sample = ["sample", "--config", "tiny", "--steps", "2", "--batch", "2", "--no-progress", "--accelerate",
+              "--dtype", "bfloat16", "--threads", "1"]
+    assert main(["compile", "--config", "tiny", "--steps", "2", "--batch", "2", "--dtype", "bfloat16",
+                 "--threads", "1", "--cache-dir", str(cache)]) == 0
+    assert "batch 2: compiled in" in capsys.readouterr().out
+    assert main([*sample, "--cache-dir", str(cache), "--out", str(tmp_path / "hit")]) == 0
+    out = capsys.readouterr().out
+    assert "warm-up: loaded compiled step from cache in" in out and "time to first image" in out
+    path_line = next(line for line in out.splitlines() if line.startswith("path:"))
+    assert path_line.count("on cpu") == 1 and "one stream" in path_line  # said once; one thread, one stream
+    assert main([*sample, "--no-cache", "--out", str(tmp_path / "fresh")]) == 0
+    assert "warm-up: compiled in" in capsys.readouterr().out and not unused.exists()
+    np.testing.assert_array_equal(_images(tmp_path / "hit"), _images(tmp_path / "fresh"))
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    listed = capsys.readouterr().out
+    assert "2 entries" in listed and "openvino-ir" in listed and "shapes [[2, 3, 16, 16], [2]]" in listed
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0 and "0 entries" in capsys.readouterr().out

@@ -18,7 +18,8 @@ from PIL import Image
 
 from fastdiff import pause
 from fastdiff.cli import main
-from fastdiff.images import NPZ_KEY
+from fastdiff.engines.cache import ArtifactCache
+from fastdiff.images import NPZ_KEY, grid_scale
 from fastdiff.models import folders
 from fastdiff.training.trainer import CHECKPOINT_FILE, read_checkpoint
 
@@ -53,8 +54,9 @@ def _output_set(out) -> tuple[int, int]:
     with np.load(out / "samples.npz") as data:
         in_npz = data[NPZ_KEY].shape[0]
     with Image.open(out / "samples.png") as picture:
-        columns = (picture.size[0] - 2) // 18  # 16x16 tiles with 2-pixel padding
-        rows = (picture.size[1] - 2) // 18
+        scale = grid_scale(16, 16)
+        columns = (picture.size[0] // scale - 2) // 18  # 16x16 tiles with 2-pixel padding, scaled up
+        rows = (picture.size[1] // scale - 2) // 18
     return in_npz, columns * rows
 
 
@@ -92,6 +94,7 @@ import sys, torch
 from fastdiff import pause
 from fastdiff.models import folders
 from fastdiff.cli import main
+from fastdiff.engines.cache import ArtifactCache
 from fastdiff.models.unet import UNet, UNetConfig
 torch.manual_seed(1)
 folders.save_model(UNet(UNetConfig.tiny(image_size=8, in_channels=1)), sys.argv[1], schedule="cosine", num_timesteps=500)
@@ -152,3 +155,18 @@ def test_killed_checkpoint_write_keeps_the_last_good_checkpoint(tmp_path):
     _train(folder, 2, resume=True)
     assert read_checkpoint(folder / CHECKPOINT_FILE)[1]["step"] == "2"
     assert _temps(folder) == []  # ...is removed by the next run that writes there
+
+
+@pytest.mark.parametrize("point", ["atomic-write", "folder-staged"])
+def test_killed_compile_leaves_no_cache_entry(tmp_path, point):
+    pytest.importorskip("openvino")  # the engine that compiles the tiny model in seconds
+    cache = tmp_path / "cache"
+    compile_tiny = ["compile", "--config", "tiny", "--steps", "1", "--batch", "2", "--dtype", "bfloat16",
+                    "--engine", "openvino", "--threads", "1", "--cache-dir", str(cache)]
+    code, _ = run_until(point, [sys.executable, "-m", "fastdiff.cli", *compile_tiny], tmp_path)
+    assert code == -signal.SIGKILL
+    assert ArtifactCache(cache).entries() == []  # the manifest or the whole folder never got in place
+    assert _temps(cache)  # the killed build's temp folder...
+    assert main(compile_tiny) == 0
+    assert [e.kind for e in ArtifactCache(cache).entries()] == ["openvino-ir", "openvino"]
+    assert _temps(cache) == []  # ...went with the next build

@@ -1,6 +1,8 @@
 """fastdiff.Sampler with OpenVINO running the model on the CPU (the optional ``cpu`` extra):
 chosen by "auto" for bf16 where installed, named by describe(), bf16 within 30 dB of the fp32
 reference over a trajectory, falling back to inductor (or refusing clearly) without openvino."""
+import warnings
+
 import pytest
 import torch
 
@@ -60,3 +62,13 @@ def test_split_batch_gives_the_one_stream_answer(model):
     assert len(split.prepare((x, t))) == 2 and len(whole.prepare((x, t))) == 1
     torch.testing.assert_close(split(x, t), whole(x, t), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split(x, t), model(x, t), rtol=1e-4, atol=1e-4)  # each row is its own sample
+
+
+def test_conversion_prints_no_tracer_warnings(model):
+    """The trace's warnings about shape checks turned constants (the shapes are static) would
+    otherwise fill `fastdiff bench` and `sample --accelerate` output."""
+    pytest.importorskip("openvino")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 500])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        assert openvino.OpenVINOModel(model, None, threads=1)(x, t).shape == x.shape

@@ -228,7 +228,7 @@ def test_save_grid_png_and_npz(tmp_path):
     from PIL import Image
 
     images = torch.rand(5, 3, 4, 6) * 2 - 1
-    png = save_grid_png(images, tmp_path / "grid.png")
+    png = save_grid_png(images, tmp_path / "grid.png", scale=1)
     npz = save_npz(images, tmp_path / "samples.npz")
     with Image.open(png) as picture:
         assert picture.mode == "RGB"
@@ -245,8 +245,20 @@ def test_save_grid_png_and_npz(tmp_path):
 def test_grayscale_grid(tmp_path):
     from PIL import Image
 
-    with Image.open(save_grid_png(torch.zeros(4, 1, 3, 3), tmp_path / "g.png")) as picture:
+    with Image.open(save_grid_png(torch.zeros(4, 1, 3, 3), tmp_path / "g.png", scale=1)) as picture:
         assert picture.mode == "L" and picture.size == (2 + 2 * 5, 2 + 2 * 5)
+
+
+def test_small_images_are_scaled_up_in_the_grid_by_nearest_neighbour(tmp_path):
+    from PIL import Image
+
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    with Image.open(save_grid_png(images, tmp_path / "g.png")) as picture:
+        assert picture.size == (4 * (2 + 2 * 18), 4 * (2 + 2 * 18))  # 16x16 digits: 4 times, to 64x64 tiles
+        grid = np.asarray(picture)
+    np.testing.assert_array_equal(grid, make_grid(to_uint8(images)).repeat(4, 0).repeat(4, 1)[..., 0])
+    with Image.open(save_grid_png(torch.zeros(1, 3, 64, 80), tmp_path / "big.png")) as picture:
+        assert picture.size == (2 + 80 + 2, 2 + 64 + 2)  # large enough already: as is
 
 
 def test_failed_image_write_leaves_nothing(tmp_path):

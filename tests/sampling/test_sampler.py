@@ -7,6 +7,8 @@ The untrained tiny UNet's samples grow without bound unless x0 is clipped, so th
 use the clipped tables (as google/ddpm-cifar10-32 does); a 1e-4 bar is then meaningful.
 Compiles are the cost here: two (the DDPM and DDIM samplers), shared through module fixtures.
 """
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -197,7 +199,8 @@ def test_describe(ddpm_sampler):
     assert {"path", "device", "dtype", "compiled", "cuda_graphs", "kernels"} <= set(info)
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["kernels"] == "reference"
     assert info["compiled"] is True and info["cuda_graphs"] is False
-    assert "torch.compile" in info["path"] and "float32" in info["path"] and "group_norm_silu" in info["path"]
+    assert "AOTInductor" in info["path"] and "float32" in info["path"] and "group_norm_silu" in info["path"]
+    assert info["cache"] == os.environ["FASTDIFF_CACHE_DIR"]  # the session's (tests/conftest.py)
 
 
 def test_describe_names_the_attention_route_that_ran(model, ddpm_sampler):
@@ -229,13 +232,13 @@ def test_compile_failure_falls_back_when_auto(model, monkeypatch):
 
     monkeypatch.setattr(engine_module, "compile_for", failing_compile)
     table = ddim_table(SCHEDULE, steps=2, clip_sample=True)
-    sampler = Sampler(model, table)
+    sampler = Sampler(model, table, cache=False)  # without a cache: torch.compile
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
         out = sampler.sample(batch=1, seed=0)
     assert sampler.describe()["compiled"] is False
     assert max_abs(out, sample_reference(model, table, shape=(1, 3, 16, 16), seed=0)) <= FP32_BAR
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        Sampler(model, table, compile=True).sample(batch=1, seed=0)
+        Sampler(model, table, compile=True, cache=False).sample(batch=1, seed=0)
 
 
 def test_warmup_returns_seconds(model):

@@ -58,7 +58,8 @@ def backend(monkeypatch):
 
 
 def sampler(model=None, **kwargs):
-    return Sampler(model or TinyEps(), TABLE, image_shape=IMAGE, **{"compile": True, **kwargs})
+    """Without a cache: the compiles these tests count are torch.compile's, in this process."""
+    return Sampler(model or TinyEps(), TABLE, image_shape=IMAGE, **{"compile": True, "cache": False, **kwargs})
 
 
 def keys():
