@@ -37,14 +37,24 @@ def step_table(
     variance: str = "fixed_large",
     clip_sample: bool | None = None,
     order: int = 2,
+    timesteps=None,
 ) -> StepTable:
     """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, or
     DPM-Solver++ of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"`` (20 steps by default,
-    diffusers' defaults otherwise: see :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table`)."""
+    diffusers' defaults otherwise: see :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table`).
+    ``timesteps``: explicit descending timesteps (a tuned schedule, :mod:`fastdiff.schedulers.tuned`)
+    for DDIM and DPM-Solver++; ``steps`` must then be None or their number."""
+    if timesteps is not None:
+        if method == "ddpm":
+            raise ValueError("timesteps: DDPM runs every timestep; explicit timesteps apply to ddim and dpmsolver++")
+        if steps is not None and steps != len(timesteps):
+            raise ValueError(f"steps={steps} does not match the {len(timesteps)} timesteps given")
     if method in ("dpmsolver++", "sde-dpmsolver++"):
-        return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method)
+        return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method,
+                               timesteps=timesteps)
     if method == "ddpm":
         return ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
     if method == "ddim":
-        return ddim_table(schedule, steps=50 if steps is None else steps, eta=eta, clip_sample=bool(clip_sample))
+        return ddim_table(schedule, steps=50 if steps is None else steps, eta=eta, clip_sample=bool(clip_sample),
+                          timesteps=timesteps)
     raise ValueError(f"sampler must be one of {METHODS}, got {method!r}")
