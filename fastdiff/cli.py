@@ -31,6 +31,7 @@ COMMANDS = {
     "train": "fastdiff.commands.train",
     "fidelity": "fastdiff.commands.fidelity",
     "bench": "fastdiff.commands.bench",
+    "tune-steps": "fastdiff.commands.tune_steps",
 }
 
 

@@ -144,32 +144,34 @@ def sampler_step(
     rng: torch.Tensor | None = None,
     clip_range: float | None = None,
     history: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of :class:`fastdiff.schedulers.StepTable` form; returns (x_prev, x0).
 
     Noise: ``noise`` if given; else Philox keyed by (element, sample, rng offset, step index)
     if ``rng`` (int64 [seed, offset], or [seed, offset, first sample] where samples are
-    numbered from rng[2]) is given; else none. Math in fp32, cast on return.
+    numbered from rng[2]) is given; else none. Math in fp32 (``compute_dtype``: float64 for the
+    ODE reference solution, :mod:`fastdiff.bench.ode_error`), cast on return.
     ``history`` (K, *x_t.shape), K = coefs.shape[1] - 6 (multistep tables): the previous data
     predictions, newest first; adds sum_k coefs[6 + k] * history[k], then shifts ``history``
     in place so that history[0] = x0.
     """
     # index_select (not coefs[step_index]): a 0-dim index tensor would be read on the host.
-    c = coefs.index_select(0, step_index.long().reshape(1))[0].to(torch.float32)
-    x, e = x_t.to(torch.float32), eps.to(torch.float32)
+    c = coefs.index_select(0, step_index.long().reshape(1))[0].to(compute_dtype)
+    x, e = x_t.to(compute_dtype), eps.to(compute_dtype)
     x0 = c[0] * x - c[1] * e
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
     out = c[2] * x0 + c[3] * x + c[4] * e
     if noise is not None:
-        out = out + c[5] * noise.to(torch.float32)
+        out = out + c[5] * noise.to(compute_dtype)
     elif rng is not None:
         seed, offset = split_rng(rng[:2])
         first_sample = int(rng[2]) if rng.numel() == 3 else 0
         out = out + c[5] * philox_noise_like(x, seed, offset, int(step_index), first_sample)
     if history is not None:
         for k in range(history.shape[0]):
-            out = out + c[6 + k] * history[k].to(torch.float32)
+            out = out + c[6 + k] * history[k].to(compute_dtype)
         if history.shape[0] > 1:
             history[1:].copy_(history[:-1].clone())
         history[0].copy_(x0)

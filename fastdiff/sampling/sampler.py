@@ -79,7 +79,11 @@ class Sampler:
 
     ``compile``/``cuda_graphs``: True, False or "auto" (compile
     everywhere the ops are not interpreted; graphs on CUDA). ``channels_last`` "auto": on CUDA
-    and for half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets."""
+    and for half dtypes on CPU. ``image_shape`` (C, H, W) is read from fastdiff and diffusers UNets.
+
+    ``timesteps``: "auto" runs the model folder's tuned schedule (``fastdiff tune-steps``) for this
+    method and ``steps`` when it has one tuned for these weights, "default" never does, "tuned"
+    requires it; ``describe()["timesteps"]`` says which ran. Only the table's rows change."""
 
     def __init__(
         self,
@@ -98,6 +102,7 @@ class Sampler:
         image_shape: tuple[int, int, int] | None = None,
         autotune: bool = True,
         engine: str = AUTO,
+        timesteps: str = AUTO,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -113,7 +118,8 @@ class Sampler:
             self._note("no schedule given for a diffusers UNet: sampling with a linear schedule, T = 1000, "
                        "leading spacing, no clipping; pass schedule=<the pipeline's DDPMScheduler/DDIMScheduler> "
                        "to sample as that pipeline does")
-        self.table = make_table(schedule, method, steps, eta, order, model).to(self.device)
+        table, self.timesteps_source = make_table(schedule, method, steps, eta, order, model, timesteps)
+        self.table = table.to(self.device)
         self.image_shape = tuple(image_shape) if image_shape is not None else placement.image_shape(model)
         self.class_conditioned = placement.class_conditioned(model)
         self.kernels = backend.kernel_path(self.device)
@@ -210,6 +216,7 @@ class Sampler:
             # before the first run, or where attention ran on the reference route inside compiled code
             "attention": sorted(self._attention_routes),
             "noise": "seed mode: z " + ("drawn in-kernel (Philox)" if self.philox_seed_mode else "from draw_noise"),
+            "timesteps": self.timesteps_source,
             "notes": list(self.notes),
         }
 
