@@ -45,7 +45,7 @@ REFERENCE_STRIDE = 1
 #: Below this timestep every solve visits every timestep.
 DENSE_BELOW = 100
 #: x_T the convergence check solves twice (the first of the set).
-CHECK_SIZE = 32
+CHECK_SIZE = 8
 #: The most the reference may change (RMS) when its step is halved.
 CONVERGENCE_TOLERANCE = 1e-4
 CHUNK = 256
