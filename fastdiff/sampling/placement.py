@@ -18,15 +18,16 @@ from fastdiff.schedulers import NoiseSchedule, StepTable, linear_schedule, step_
 def make_table(schedule, method: str | None, steps, eta, order, model: nn.Module,
                timesteps: str = "auto") -> tuple[StepTable, str]:
     """The StepTable of a Sampler's ``schedule`` argument (see :class:`~fastdiff.sampling.Sampler`)
-    and which timesteps it visits, in words: "default", or "tuned (<file>)" where ``timesteps``
-    (:data:`~fastdiff.presets.TIMESTEP_CHOICES`) picks the model folder's tuned schedule."""
+    and which timesteps it visits, in words: "default", "tuned (<file>)" where ``timesteps``
+    (:data:`~fastdiff.presets.TIMESTEP_CHOICES`) picks the model folder's tuned schedule, or
+    "as given" for a ready StepTable or a diffusers scheduler (their own timesteps)."""
     if timesteps not in TIMESTEP_CHOICES:
         raise ValueError(f"timesteps must be one of {TIMESTEP_CHOICES}, got {timesteps!r}")
     if not isinstance(schedule, NoiseSchedule) and schedule is not None:
         if timesteps == "tuned":
             raise ValueError("timesteps='tuned' needs the model's own schedule (schedule=None or a NoiseSchedule), "
                              "not a StepTable or a diffusers scheduler")
-        return _given_table(schedule, method, steps, eta, order), "default"
+        return _given_table(schedule, method, steps, eta, order), "as given"
     if schedule is None:
         schedule = getattr(model, SCHEDULE_ATTRIBUTE, None) or linear_schedule()
     method = method or "ddpm"

@@ -36,6 +36,8 @@ def test_sampler_runs_the_tuned_schedule_for_its_sampler_and_steps_only(folder):
         assert sampler.describe()["timesteps"] == "default" and sampler.table.timesteps[-1] != 100
     with pytest.raises(ValueError, match="dpm\\+\\+2m-4.json does not exist"):
         _sampler(folder, order=2, steps=4, timesteps="tuned")
+    model, _ = folders.load_model(folder)
+    assert Sampler(model, picked.table, compile=False).describe()["timesteps"] == "as given"  # not claimed as default
 
 
 def test_a_schedule_for_other_weights_is_refused(folder):
