@@ -115,7 +115,8 @@ def reference_solution(model, schedule: NoiseSchedule, shape, size: int, seed: i
     halving the step changes it by ``tolerance`` or more) and written there atomically."""
     x_T = draw_x_T(shape, size, seed)
     fingerprint = weights_fingerprint(model)
-    cache = None if cache_dir is None else Path(cache_dir) / f"ode-{fingerprint[:16]}-seed{seed}-n{size}-stride{stride}.pt"
+    name = f"ode-{fingerprint[:16]}-seed{seed}-n{size}-stride{stride}.pt"
+    cache = None if cache_dir is None else Path(cache_dir) / name
     if cache is not None and cache.exists():
         cached = ODEReference(**torch.load(cache))
         if (cached.fingerprint == fingerprint and cached.stride == stride and cached.seed == seed

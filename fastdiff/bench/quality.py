@@ -286,7 +286,7 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
         f = features.features(rec["scored"])
         fd = frechet_distance(f, heldout)
         precision, recall = precision_recall(heldout, f)
-        pr_band = bootstrap_interval(lambda rows: precision_recall(heldout, f[rows]), f.shape[0])
+        pr_band = bootstrap_interval(lambda rows: precision_recall(heldout, f, rows=rows), f.shape[0])
         rows.append({
             "name": name, "sampler": rec["sampler"], "steps": rec["steps"], "model_calls": rec["model_calls"],
             "timesteps": rec.get("timesteps"), "schedule": rec["entry"][2] if len(rec["entry"]) > 2 else "default",
@@ -363,16 +363,18 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['model_calls']} | {r['fd_heldout']:.3f} {_band(r['fd_heldout_band'])} | "
             f"{'yes' if r['within_anchor_band'] else 'no'} | {r['fd_to_anchor']:.3f} | "
-            f"{r['precision']:.3f} {_band(r['precision_band'])} | {r['recall']:.3f} {_band(r['recall_band'])} | {ode} | "
+            f"{r['precision']:.3f} {_band(r['precision_band'])} | {r['recall']:.3f} {_band(r['recall_band'])} | "
+            f"{ode} | "
             f"{r['images_per_s']:.3f} | {r['speedup_vs_anchor']:.1f}x | "
             f"{'' if r['cpu_seconds'] is None else round(r['cpu_seconds'])} | "
             f"{'*' if r['pareto'] else ''} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
         )
     if report["ode_evaluation"]:
         ode = report["ode_evaluation"]
-        lines += ["", f"ode_error: RMS difference to the model's exact ODE solution (float64 DPM-Solver++(3M) over every "
-                      f"timestep; halving its step above t = 100 changes it by {ode['change_at_double_step']:.1e}) on "
-                      f"{ode['size']} evaluation x_T (seed {ode['seed']}, disjoint from the sets above and from tuning)."]
+        lines += ["", f"ode_error: RMS difference to the model's exact ODE solution (float64 DPM-Solver++(3M) over "
+                      f"every timestep; halving its step above t = 100 changes it by "
+                      f"{ode['change_at_double_step']:.1e}) on {ode['size']} evaluation x_T (seed {ode['seed']}, "
+                      "disjoint from the sets above and from tuning)."]
     fewest = report["fewest_calls_at_bar"]
     if fewest:
         found = (f"**{fewest['row']}** ({fewest['model_calls']} calls)" if fewest["row"] else "no DPM-Solver++ row")

@@ -178,4 +178,5 @@ def tune_model(model, info, sampler: str, calls: int, calibration_size: int = CA
                 "model_calls": result.model_calls, "seconds": round(result.seconds, 1),
                 "reference": {"solver": "dpm++3m float64", "stride": calibration.stride, "dense_below": DENSE_BELOW,
                               "change_at_double_step": calibration.change_at_double_step}}
-    return TunedSchedule(sampler, tuple(result.timesteps), schedule.num_timesteps, info.weights_sha256, errors, settings)
+    return TunedSchedule(sampler, tuple(result.timesteps), schedule.num_timesteps, info.weights_sha256, errors,
+                         settings)

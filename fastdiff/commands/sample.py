@@ -150,7 +150,8 @@ def load_model_and_table(args: argparse.Namespace, device: str):
         table, timesteps = make_table(schedule, kwargs["method"], steps, args.eta or 0.0, kwargs.get("order"), model,
                                       args.schedule or "auto")
     except ValueError as e:  # e.g. an order the step count cannot support, no tuned schedule
-        raise UsageError(f"--sampler {args.sampler} --steps {steps} --schedule {args.schedule or 'auto'}: {e}") from None
+        what = f"--sampler {args.sampler} --steps {steps} --schedule {args.schedule or 'auto'}"
+        raise UsageError(f"{what}: {e}") from None
     return model, info, table, timesteps
 
 

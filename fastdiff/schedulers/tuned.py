@@ -70,7 +70,8 @@ def load_tuned(path: Path, weights_sha256: str | None, num_timesteps: int) -> Tu
     if not isinstance(data["weights_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", data["weights_sha256"]):
         raise ValueError(f"{path}: damaged tuned schedule, weights_sha256 must be 64 lowercase hex digits")
     if data["num_timesteps"] != num_timesteps:
-        raise ValueError(f"{path}: tuned for a schedule of {data['num_timesteps']} timesteps, the model has {num_timesteps}")
+        raise ValueError(f"{path}: tuned for a schedule of {data['num_timesteps']} timesteps, "
+                         f"the model has {num_timesteps}")
     if not isinstance(data["timesteps"], list) or not all(type(t) is int for t in data["timesteps"]):
         raise ValueError(f"{path}: damaged tuned schedule, timesteps must be a list of integers")
     try:
@@ -78,7 +79,7 @@ def load_tuned(path: Path, weights_sha256: str | None, num_timesteps: int) -> Tu
     except ValueError as e:
         raise ValueError(f"{path}: damaged tuned schedule, {e}") from None
     if weights_sha256 is None or data["weights_sha256"] != weights_sha256:
-        raise ValueError(f"{path}: tuned for other weights (weights_sha256 {data['weights_sha256'][:12]}..., the model's "
-                         f"is {weights_sha256 and weights_sha256[:12]}...): run fastdiff tune-steps again")
+        raise ValueError(f"{path}: tuned for other weights (weights_sha256 {data['weights_sha256'][:12]}..., "
+                         f"the model's is {weights_sha256 and weights_sha256[:12]}...): run fastdiff tune-steps again")
     return TunedSchedule(data["sampler"], tuple(timesteps.tolist()), num_timesteps, data["weights_sha256"],
                          data["errors"], data["settings"])

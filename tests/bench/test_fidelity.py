@@ -132,3 +132,11 @@ def test_precision_recall_k3():
     assert precision == 0.0 and recall == 0.0
     with pytest.raises(ValueError, match="N > k = 3"):
         precision_recall(real, real[:3])
+
+
+def test_precision_recall_resample_keeps_each_points_radius():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(100, 4)), rng.normal(size=(100, 4))
+    assert precision_recall(real, fake, rows=np.arange(100)) == precision_recall(real, fake)
+    doubled = np.repeat(np.arange(50), 2)  # every point twice: still its own radius, not 0
+    assert precision_recall(real, fake, rows=doubled)[1] > 0.5

@@ -31,7 +31,8 @@ def test_sampler_runs_the_tuned_schedule_for_its_sampler_and_steps_only(folder):
     picked = _sampler(folder, order=2, steps=3)
     assert picked.table.timesteps.tolist() == list(TIMESTEPS)
     assert picked.describe()["timesteps"] == f"tuned ({folder / 'schedules' / 'dpm++2m-3.json'})"
-    for kwargs in ({"order": 2, "steps": 4}, {"order": 3, "steps": 3}, {"order": 2, "steps": 3, "timesteps": "default"}):
+    for kwargs in ({"order": 2, "steps": 4}, {"order": 3, "steps": 3},
+                   {"order": 2, "steps": 3, "timesteps": "default"}):
         sampler = _sampler(folder, **kwargs)
         assert sampler.describe()["timesteps"] == "default" and sampler.table.timesteps[-1] != 100
     with pytest.raises(ValueError, match="dpm\\+\\+2m-4.json does not exist"):
