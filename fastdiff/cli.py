@@ -33,6 +33,7 @@ COMMANDS = {
     "bench": "fastdiff.commands.bench",
     "compile": "fastdiff.commands.compile",
     "cache": "fastdiff.commands.cache",
+    "tune-steps": "fastdiff.commands.tune_steps",
 }
 
 

@@ -17,6 +17,14 @@ SAMPLER_METHODS = {
     "unipc": ("unipc", 2),  # bh2, order 2: diffusers' UniPCMultistepScheduler defaults
 }
 SAMPLERS = tuple(SAMPLER_METHODS)
+#: Samplers without noise (DDPM and the SDE solvers add some): the ones whose error to the
+#: probability-flow ODE is defined and whose timesteps ``fastdiff tune-steps`` tunes.
+DETERMINISTIC_SAMPLERS = tuple(name for name, (method, _) in SAMPLER_METHODS.items()
+                               if method not in ("ddpm", "euler-ancestral") and not method.startswith("sde-"))
+#: Which timesteps a sampler runs (Sampler ``timesteps=``, ``fastdiff sample --schedule``): the model
+#: folder's tuned schedule for that sampler and step count when it has one ("auto"), always the
+#: default spacing, or the tuned one (an error when there is none).
+TIMESTEP_CHOICES = ("auto", "default", "tuned")
 #: Model dtypes by name (``getattr(torch, name)``), --dtype of the commands.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #: Default --steps: DDIM 50, DPM-Solver++ and UniPC 20, Euler 30 (diffusers' usual settings); DDPM runs all T.
@@ -27,6 +35,14 @@ def sampler_kwargs(name: str) -> dict:
     """--sampler name -> keyword arguments of fastdiff.schedulers.step_table / fastdiff.Sampler."""
     method, order = SAMPLER_METHODS[name]
     return {"method": method} if order is None else {"method": method, "order": order}
+
+
+def sampler_name(method: str, order: int | None = None) -> str | None:
+    """The --sampler name of a fastdiff.schedulers method (and DPM-Solver++ order); None if none."""
+    for name, (named_method, named_order) in SAMPLER_METHODS.items():
+        if named_method == method and (named_order is None or named_order == order):
+            return name
+    return None
 
 
 def default_steps(name: str, num_timesteps: int) -> int:

@@ -29,10 +29,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff.bench.fidelity import NOISE_QUANTILE, DigitsFeatures, draw_in_chunks, frechet_distance
+from fastdiff.bench.fidelity import (
+    NOISE_QUANTILE,
+    DigitsFeatures,
+    draw_in_chunks,
+    frechet_distance,
+    precision_recall,
+)
+from fastdiff.bench.ode_error import (
+    EVALUATION_SEED,
+    EVALUATION_SIZE,
+    ODEReference,
+    deterministic_images,
+    reference_solution,
+    rms,
+)
 from fastdiff.files import atomic_write
 from fastdiff.images import save_grid_png
-from fastdiff.models.folders import load_model
+from fastdiff.models.folders import load_model, read_tuned_schedule
 from fastdiff.presets import sampler_kwargs
 from fastdiff.sampling import ExternalNoise, draw_noise, sample_reference
 from fastdiff.sampling.sampler import Sampler
@@ -49,12 +63,30 @@ SWEEP = (
     + [(name, steps) for name in ("euler", "euler-a") for steps in (10, 20, 50)]
     + [("unipc", steps) for steps in (5, 8, 10, 15, 20, 25)]
 )
+#: Default against tuned timesteps (``fastdiff bench --quality --tuned``): DDPM-1000 (the anchor),
+#: then DPM-Solver++ 2M/3M at these calls with the default spacing and with the built-in model's
+#: tuned schedule (``schedules/<sampler>-<K>.json``) where it ships one.
+TUNED_CALLS = (4, 5, 6, 8, 10)
+TUNED_SWEEP = [("ddpm", 1000)] + [
+    (name, calls, kind) for name in ("dpm++2m", "dpm++3m") for calls in TUNED_CALLS for kind in ("default", "tuned")
+]
+#: The bar of the tuned comparison's FD to DDPM-1000: this default set's, measured in the same run.
+TUNED_BAR = ("dpm++3m", 8, "default")
 BOOTSTRAPS = 200
 GRID_IMAGES = 64
 
 
-def set_name(sampler: str, steps: int) -> str:
-    return f"{sampler}-{steps}"
+def set_name(sampler: str, steps: int, timesteps: str = "default") -> str:
+    return f"{sampler}-{steps}" + ("" if timesteps == "default" else f"-{timesteps}")
+
+
+def sweep_table(schedule, sampler: str, steps: int, timesteps: str = "default"):
+    """The StepTable of a sweep entry; ``timesteps`` "tuned": the built-in model's tuned schedule
+    (None when it ships none for this sampler and steps)."""
+    if timesteps == "default":
+        return step_table(schedule, steps=steps, **sampler_kwargs(sampler))
+    tuned = read_tuned_schedule(load_model()[1], sampler, steps)
+    return None if tuned is None else step_table(schedule, timesteps=list(tuned.timesteps), **sampler_kwargs(sampler))
 
 
 def _built_in_model():
@@ -70,11 +102,14 @@ def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEE
 
     model, schedule, shape = _built_in_model()
     (out / "sets").mkdir(parents=True, exist_ok=True)
-    for sampler, steps in sweep:
-        path = out / "sets" / f"{set_name(sampler, steps)}.pt"
+    for entry in sweep:
+        path = out / "sets" / f"{set_name(*entry)}.pt"
         if path.exists() and torch.load(path)["images"].shape[0] >= num_samples:
             continue
-        table = step_table(schedule, steps=steps, **sampler_kwargs(sampler))
+        table = sweep_table(schedule, *entry)
+        if table is None:
+            continue
+        sampler, steps = entry[:2]
 
         def draw(batch: int, chunk_seed: int) -> torch.Tensor:
             return sample_reference(model, table, (batch, *shape), seed=chunk_seed)
@@ -83,13 +118,14 @@ def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEE
         start, cpu_start = time.perf_counter(), time.process_time()
         images = draw_in_chunks(draw, num_samples, chunk, seed)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        record = {"sampler": sampler, "steps": steps, "model_calls": table.num_steps, "images": images,
+        record = {"sampler": sampler, "steps": steps, "timesteps": table.timesteps.tolist(),
+                  "model_calls": table.num_steps, "images": images,
                   "seconds": seconds, "cpu_seconds": cpu_seconds, "chunk": chunk, "seed": seed, "torch_threads": torch.get_num_threads(),
                   "load_before": load_before, "load_after": os.getloadavg(),
                   "path": "fastdiff.sampling.reference.sample_reference (eager PyTorch, float32, CPU)"}
         atomic_write(path, lambda tmp: torch.save(record, tmp))
         if progress:
-            print(f"{set_name(sampler, steps)}: {num_samples} images in {seconds:.1f} s "
+            print(f"{set_name(*entry)}: {num_samples} images in {seconds:.1f} s "
                   f"(load {load_before[0]:.1f} -> {record['load_after'][0]:.1f})", flush=True)
 
 
@@ -204,20 +240,39 @@ def pareto_front(rows: list[dict]) -> list[str]:
     return front
 
 
-def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
+def bootstrap_interval(statistic, n: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval (BOOTSTRAPS resamples of n rows, NOISE_QUANTILE) of ``statistic(rows)``."""
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(rng.integers(0, n, n)) for _ in range(BOOTSTRAPS)])
+    low, high = np.quantile(draws, [1 - NOISE_QUANTILE, NOISE_QUANTILE], axis=0)
+    return low.tolist(), high.tolist()
+
+
+def _ode_error(model, schedule, entry, ode: ODEReference | None):
+    """ode_error of a deterministic sweep entry on the evaluation set; None for a noisy one."""
+    table = sweep_table(schedule, *entry)
+    if ode is None or table is None or bool(table.coefs[:, 5].ne(0).any()):
+        return None
+    return rms(deterministic_images(model, table, ode.x_T), ode.solution)
+
+
+def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODEReference | None = None) -> dict:
     """The report of every cached set of ``sweep`` (those not drawn yet are listed as missing).
     ``num_samples``: score only the first n images of each set (all sets then compare at the
-    same n; images/s stays that of the whole set as drawn)."""
+    same n; images/s stays that of the whole set as drawn). ``ode``: the evaluation set's ODE
+    reference; deterministic rows then report their ode_error on it."""
 
     features = DigitsFeatures.fit()
     heldout = features.features(load_digits_dataset("heldout").images)
+    model, schedule, _ = _built_in_model()
     records = {}
-    for sampler, steps in sweep:
-        path = out / "sets" / f"{set_name(sampler, steps)}.pt"
+    for entry in sweep:
+        path = out / "sets" / f"{set_name(*entry)}.pt"
         if path.exists():
             record = torch.load(path)
             record["scored"] = record["images"][:num_samples]
-            records[set_name(sampler, steps)] = record
+            record["entry"] = entry
+            records[set_name(*entry)] = record
     sizes = {rec["scored"].shape[0] for rec in records.values()}
     if len(sizes) > 1:
         raise ValueError(f"the sets hold different numbers of images {sorted(sizes)}: pass num_samples")
@@ -232,8 +287,14 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
     for name, rec in records.items():
         f = features.features(rec["scored"])
         fd = frechet_distance(f, heldout)
+        precision, recall = precision_recall(heldout, f)
+        pr_band = bootstrap_interval(lambda rows: precision_recall(heldout, f, rows=rows), f.shape[0])
         rows.append({
             "name": name, "sampler": rec["sampler"], "steps": rec["steps"], "model_calls": rec["model_calls"],
+            "timesteps": rec.get("timesteps"), "schedule": rec["entry"][2] if len(rec["entry"]) > 2 else "default",
+            "fd_heldout_band": list(bootstrap_band(f, heldout, fd)),
+            "precision": precision, "recall": recall, "precision_band": [pr_band[0][0], pr_band[1][0]],
+            "recall_band": [pr_band[0][1], pr_band[1][1]], "ode_error": _ode_error(model, schedule, rec["entry"], ode),
             "num_samples": rec["scored"].shape[0], "cpu_seconds": rec.get("cpu_seconds"), "fd_heldout": fd, "fd_to_anchor": frechet_distance(f, anchor_features),
             "within_anchor_band": bool(fd <= band[1]), "seconds": rec["seconds"], "images_per_s": rec["images"].shape[0] / rec["seconds"],
             "speedup_vs_anchor": anchor_seconds / rec["seconds"], "load_before": rec["load_before"][0],
@@ -243,6 +304,10 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["name"] in front
+    bar = next((r for r in rows if r["name"] == set_name(*TUNED_BAR)), None)
+    reaching = [] if bar is None else [r for r in rows if r["within_anchor_band"] and r["sampler"].startswith("dpm++")
+                                       and r["fd_to_anchor"] <= bar["fd_to_anchor"]]
+    fewest = min(reaching, key=lambda r: (r["model_calls"], r["fd_to_anchor"])) if reaching else None
     dpm = [r for r in rows if r["sampler"].startswith("dpm++") and r["within_anchor_band"]]
     best = min(dpm, key=lambda r: (r["model_calls"], r["seconds"])) if dpm else None
     first = next(iter(records.values()))
@@ -258,13 +323,20 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
         "heldout_real": int(heldout.shape[0]),
         "anchor": {"name": anchor, "fd_heldout": anchor_fd, "band": list(band), "bootstraps": BOOTSTRAPS,
                      "quantile": NOISE_QUANTILE},
-        "missing": [set_name(s, k) for s, k in sweep if set_name(s, k) not in records],
+        "missing": [set_name(*entry) for entry in sweep if set_name(*entry) not in records],
+        "ode_evaluation": None if ode is None else {"size": ode.x_T.shape[0], "seed": ode.seed, "stride": ode.stride,
+                                                    "change_at_double_step": ode.change_at_double_step},
         "headline": None if best is None else {
             "sampler": best["name"], "solver": best["sampler"], "steps": best["steps"],
             "model_calls": best["model_calls"], "fd_heldout": best["fd_heldout"],
             "speedup_vs_anchor": best["speedup_vs_anchor"],
             "model_call_ratio": records[anchor]["model_calls"] / best["model_calls"],
             "measured": read_speedup(out, best["name"]),
+        },
+        "fewest_calls_at_bar": None if bar is None else {
+            "bar": bar["name"], "bar_fd_to_anchor": bar["fd_to_anchor"],
+            "row": None if fewest is None else fewest["name"],
+            "model_calls": None if fewest is None else fewest["model_calls"],
         },
         "rows": rows,
     }
@@ -284,17 +356,32 @@ def render_markdown(report: dict) -> str:
         "Timings are wall seconds on a shared 2-core CPU; load average (1 min) before/after each set is listed; "
         "CPU s: the process's CPU seconds for the set (all threads), which other work does not inflate.",
         "",
-        f"| sampler | model calls | FD to held-out | within {name} band | FD to {name} set | images/s | "
-        f"speedup vs {name} | CPU s | Pareto | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| sampler | model calls | FD to held-out [band] | within {name} band | FD to {name} set | precision [band] | "
+        f"recall [band] | ode_error | images/s | speedup vs {name} | CPU s | Pareto | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(report["rows"], key=lambda r: (r["sampler"], r["steps"])):
+    for r in sorted(report["rows"], key=lambda r: (r["sampler"], r["steps"], r["schedule"])):
+        ode = "" if r["ode_error"] is None else f"{r['ode_error']:.4f}"
         lines.append(
-            f"| {r['name']} | {r['model_calls']} | {r['fd_heldout']:.3f} | {'yes' if r['within_anchor_band'] else 'no'}"
-            f" | {r['fd_to_anchor']:.3f} | {r['images_per_s']:.3f} | {r['speedup_vs_anchor']:.1f}x | "
+            f"| {r['name']} | {r['model_calls']} | {r['fd_heldout']:.3f} {_band(r['fd_heldout_band'])} | "
+            f"{'yes' if r['within_anchor_band'] else 'no'} | {r['fd_to_anchor']:.3f} | "
+            f"{r['precision']:.3f} {_band(r['precision_band'])} | {r['recall']:.3f} {_band(r['recall_band'])} | "
+            f"{ode} | "
+            f"{r['images_per_s']:.3f} | {r['speedup_vs_anchor']:.1f}x | "
             f"{'' if r['cpu_seconds'] is None else round(r['cpu_seconds'])} | "
             f"{'*' if r['pareto'] else ''} | {r['load_before']:.1f}/{r['load_after']:.1f} |"
         )
+    if report["ode_evaluation"]:
+        ode = report["ode_evaluation"]
+        lines += ["", f"ode_error: RMS difference to the model's exact ODE solution (float64 DPM-Solver++(3M) over "
+                      f"every timestep; halving its step above t = 100 changes it by "
+                      f"{ode['change_at_double_step']:.1e}) on {ode['size']} evaluation x_T (seed {ode['seed']}, "
+                      "disjoint from the sets above and from tuning)."]
+    fewest = report["fewest_calls_at_bar"]
+    if fewest:
+        found = (f"**{fewest['row']}** ({fewest['model_calls']} calls)" if fewest["row"] else "no DPM-Solver++ row")
+        lines += ["", f"Fewest calls with FD to held-out inside {name}'s band and FD to the {name} set no worse than "
+                      f"{fewest['bar']}'s ({fewest['bar_fd_to_anchor']:.3f}, same run): {found}."]
     notes = [f"{r['name']}: {r['note']}" for r in report["rows"] if r["note"]]
     if notes:
         lines += ["", *(f"Note, {note}" for note in notes)]
@@ -309,6 +396,10 @@ def render_markdown(report: dict) -> str:
         if head["measured"]:
             lines += ["", render_speedup(head["measured"])]
     return "\n".join(lines) + "\n"
+
+
+def _band(band) -> str:
+    return f"[{band[0]:.3f}, {band[1]:.3f}]"
 
 
 def render_speedup(measured: dict) -> str:
@@ -326,6 +417,10 @@ def render_speedup(measured: dict) -> str:
     )
 
 
+def _family(row: dict) -> str:
+    return row["sampler"] + ("" if row.get("schedule", "default") == "default" else f" ({row['schedule']})")
+
+
 def plot(report: dict, path: Path) -> Path:
     # matplotlib is optional (fastdiff[bench])
     import matplotlib
@@ -335,9 +430,9 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    families = sorted({r["sampler"] for r in report["rows"]})
+    families = sorted({_family(r) for r in report["rows"]})
     for family in families:
-        rows = sorted((r for r in report["rows"] if r["sampler"] == family), key=lambda r: r["steps"])
+        rows = sorted((r for r in report["rows"] if _family(r) == family), key=lambda r: r["steps"])
         ax.plot([r["images_per_s"] for r in rows], [r["fd_heldout"] for r in rows], marker="o", label=family)
         for r in rows:
             ax.annotate(str(r["steps"]), (r["images_per_s"], r["fd_heldout"]), fontsize=6,
@@ -358,17 +453,28 @@ def plot(report: dict, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, sweep=SWEEP, num_samples: int | None = None) -> dict:
-    """Analyse the cached sets and write quality.json/.md/.png and one sample grid per set."""
-    report = analyse(out, sweep, num_samples)
+def write_report(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODEReference | None = None,
+                 base: str = "quality") -> dict:
+    """Analyse the cached sets and write <base>.json/.md/.png and one sample grid per set."""
+    report = analyse(out, sweep, num_samples, ode)
     text = json.dumps(report, indent=2) + "\n"
-    atomic_write(out / "quality.json", lambda tmp: tmp.write_text(text))
+    atomic_write(out / f"{base}.json", lambda tmp: tmp.write_text(text))
     markdown = render_markdown(report)
-    atomic_write(out / "quality.md", lambda tmp: tmp.write_text(markdown))
-    plot(report, out / "quality.png")
+    atomic_write(out / f"{base}.md", lambda tmp: tmp.write_text(markdown))
+    plot(report, out / f"{base}.png")
     (out / "grids").mkdir(exist_ok=True)
-    for sampler, steps in sweep:
-        path = out / "sets" / f"{set_name(sampler, steps)}.pt"
+    for entry in sweep:
+        path = out / "sets" / f"{set_name(*entry)}.pt"
         if path.exists():
-            save_grid_png(torch.load(path)["images"][:GRID_IMAGES], out / "grids" / f"{set_name(sampler, steps)}.png")
+            save_grid_png(torch.load(path)["images"][:GRID_IMAGES], out / "grids" / f"{set_name(*entry)}.png")
     return report
+
+
+def write_tuned_report(out: Path, num_samples: int, chunk: int, seed: int = 0,
+                       evaluation_size: int = EVALUATION_SIZE, progress: bool = True) -> dict:
+    """Default against tuned timesteps (:data:`TUNED_SWEEP`): draw (or find cached) the sets,
+    solve (or find cached) the evaluation set's ODE reference, write tuned.json/.md/.png."""
+    draw_sets(out, num_samples, chunk, seed, sweep=TUNED_SWEEP, progress=progress)
+    model, schedule, shape = _built_in_model()
+    ode = reference_solution(model, schedule, shape, evaluation_size, EVALUATION_SEED, out / "sets")
+    return write_report(out, TUNED_SWEEP, num_samples, ode, base="tuned")

@@ -42,6 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "2M/3M and SDE at several step counts, FD to held-out digits against images/s "
                              "(eager reference path; sets cached under OUT/sets, so a stopped run resumes; "
                              "default OUT: benchmarks/quality)")
+    parser.add_argument("--tuned", action="store_true",
+                        help="with --quality: default against tuned timesteps instead (DPM-Solver++ 2M/3M at 4, 5, 6, "
+                             "8, 10 calls, the built-in model's schedules/; precision, recall, ode_error; writes "
+                             "OUT/tuned.json/.md/.png)")
+    parser.add_argument("--ode-size", type=positive_int, default=500,
+                        help="--quality --tuned: evaluation x_T of the ode_error column (default: %(default)s)")
     parser.add_argument("--num-samples", type=positive_int, default=1000,
                         help="--quality: samples per sampler (default: %(default)s)")
     parser.add_argument("--chunk", type=positive_int, default=250,
@@ -52,6 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tuned and not args.quality:
+        raise UsageError("--tuned applies with --quality only")
     if args.quality:
         return _run_quality(args)
     from fastdiff.bench.harness import BenchSettings
@@ -117,6 +125,12 @@ def _run_quality(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tuned:
+        report = quality.write_tuned_report(out, args.num_samples, args.chunk, args.seed, args.ode_size,
+                                            progress=not args.no_progress)
+        print(quality.render_markdown(report))
+        print(f"wrote: {out / 'tuned.json'}, {out / 'tuned.md'}, {out / 'tuned.png'} and {out / 'grids'}/")
+        return 0
     quality.draw_sets(out, args.num_samples, args.chunk, seed=args.seed, progress=not args.no_progress)
     quality.ensure_speedup(out, min(args.speedup_samples, args.chunk, args.num_samples), scored=args.num_samples)
     report = quality.write_report(out, num_samples=args.num_samples)

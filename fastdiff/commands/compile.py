@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from fastdiff.sampling.sampler import Sampler
 
     threads = apply_threads(args.threads)
-    model, info, table = load_model_and_table(args, device)
+    model, info, table, _ = load_model_and_table(args, device)
     labels = info.config.num_classes
     print(f"model:   {info.description}")
     print(f"threads: {threads} (part of the key: sample with the same count to use these entries)")

@@ -56,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_and_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--config, --sampler, --steps, --eta: what `fastdiff sample` and `fastdiff compile` share."""
+    """--model/--config, --sampler, --steps, --eta, --schedule: what `fastdiff sample` and `fastdiff compile` share."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--model", metavar="FOLDER", type=Path,
@@ -72,6 +72,10 @@ def add_model_and_sampler_arguments(parser: argparse.ArgumentParser) -> None:
              "T for ddpm)",
     )
     parser.add_argument("--eta", type=non_negative_float, help="DDIM eta >= 0 (default 0: deterministic DDIM)")
+    parser.add_argument("--schedule", choices=("default", "tuned"),
+                        help="timesteps: the model folder's tuned schedule for --sampler and --steps "
+                             "(schedules/<sampler>-<steps>.json, from fastdiff tune-steps) or the default spacing "
+                             "(default: tuned when the folder has one for these weights)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from fastdiff.images import save_grid_png, save_npz
     from fastdiff.pause import pause_point
 
-    model, info, table = load_model_and_table(args, device)
+    model, info, table, timesteps = load_model_and_table(args, device)
     steps = table.num_steps
     config = info.config
     shape = (args.batch, config.in_channels, config.image_size, config.image_size)
@@ -118,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sampler: {args.sampler}, {steps} steps" + (f", eta {args.eta or 0.0}" if args.sampler == "ddim" else "")
           + f", batch {args.batch} of {config.image_size}x{config.image_size}, seed {args.seed}"
           + (f", class labels cycling 0..{config.num_classes - 1}" if class_labels is not None else ""))
+    print(f"timesteps: {timesteps}")
     output = contextlib.ExitStack()
     try:  # the output folder is staged before any work, so an unwritable --out fails now
         staging = output.enter_context(atomic_folder(args.out))
@@ -140,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_model_and_table(args: argparse.Namespace, device: str):
-    """(model, ModelInfo, StepTable) for --model/--config, --sampler, --steps and --eta."""
-    from fastdiff.schedulers import make_schedule, step_table
+    """(model, ModelInfo, StepTable, which timesteps in words) for --model/--config, --sampler,
+    --steps, --eta and --schedule."""
+    from fastdiff.sampling.placement import make_table
+    from fastdiff.schedulers import make_schedule
 
     model, info = load_model_arg(args, device)
     schedule = make_schedule(info.schedule, info.num_timesteps)
@@ -150,11 +157,14 @@ def load_model_and_table(args: argparse.Namespace, device: str):
         raise UsageError(f"--steps {steps}: must be at most T = {schedule.num_timesteps} for this model")
     if info.config.out_channels != info.config.in_channels:
         raise UsageError("the model predicts more channels than it takes: only eps-prediction models can be sampled")
+    kwargs = sampler_kwargs(args.sampler)
     try:
-        table = step_table(schedule, steps=steps, eta=args.eta or 0.0, **sampler_kwargs(args.sampler))
-    except ValueError as e:  # e.g. an order the step count cannot support
-        raise UsageError(f"--sampler {args.sampler} --steps {steps}: {e}") from None
-    return model, info, table
+        table, timesteps = make_table(schedule, kwargs["method"], steps, args.eta or 0.0, kwargs.get("order"), model,
+                                      timesteps=args.schedule or "auto")
+    except ValueError as e:  # e.g. an order the step count cannot support, no tuned schedule
+        what = f"--sampler {args.sampler} --steps {steps} --schedule {args.schedule or 'auto'}"
+        raise UsageError(f"{what}: {e}") from None
+    return model, info, table, timesteps
 
 
 def run_sharded(args: argparse.Namespace, device: str) -> int:
@@ -175,7 +185,7 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     # Ranks on one machine share its cores and memory (torchrun sets LOCAL_WORLD_SIZE).
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world.size)) if torch.device(device).type == "cpu" else 1
     threads = apply_threads(args.threads, processes=sharing)
-    model, info, table = load_model_and_table(args, device)
+    model, info, table, timesteps = load_model_and_table(args, device)
     try:  # before sampling: a shard that cannot fit is refused with a hint
         check_fits(info.config, args.shard_size, sum(p.numel() for p in model.parameters()), device,
                    flag="--shard-size", processes=sharing)
@@ -185,6 +195,7 @@ def _sample_shards(args: argparse.Namespace, device: str, world) -> int:
     say(f"threads: {threads} per process")
     say(f"sampler: {args.sampler}, {table.num_steps} steps, {args.num_images} images in shards of "
         f"{args.shard_size}, seed {args.seed}, {world.size} process(es) on {device}")
+    say(f"timesteps: {timesteps}")
     try:
         result = shards.sample_model(
             model, table, args.out, args.num_images, device=device, shard_size=args.shard_size, seed=args.seed,

@@ -19,7 +19,7 @@ from safetensors.torch import load, save_file
 from fastdiff.files import atomic_folder, atomic_write
 from fastdiff.models.unet import UNet, UNetConfig, count_parameters
 from fastdiff.pause import pause_point
-from fastdiff.schedulers import make_schedule
+from fastdiff.schedulers import make_schedule, tuned
 
 if TYPE_CHECKING:
     from fastdiff.models.unet import UNetConfig
@@ -58,11 +58,49 @@ class ModelInfo:
 
 #: Attribute :func:`load_model` sets on the model: its NoiseSchedule, the default of fastdiff.Sampler.
 SCHEDULE_ATTRIBUTE = "fastdiff_schedule"
+#: Attribute :func:`load_model` sets on the model: its ModelInfo (where fastdiff.Sampler finds tuned schedules).
+MODEL_INFO_ATTRIBUTE = "fastdiff_model_info"
+#: Sub-folder of a model folder holding its tuned schedules (``<sampler>-<K>.json``).
+SCHEDULES_FOLDER = "schedules"
 
 
 def _with_schedule(model, info: ModelInfo):
     setattr(model, SCHEDULE_ATTRIBUTE, info.noise_schedule())
+    setattr(model, MODEL_INFO_ATTRIBUTE, info)
     return model, info
+
+
+def tuned_schedule_path(folder, sampler: str, calls: int) -> Path:
+    return Path(folder) / SCHEDULES_FOLDER / tuned.file_name(sampler, calls)
+
+
+def read_tuned_schedule(info: ModelInfo, sampler: str, calls: int) -> tuned.TunedSchedule | None:
+    """The model folder's tuned schedule for ``sampler`` at ``calls`` steps; None when it has none.
+    A damaged file, or one tuned for other weights, is a ValueError naming it."""
+    if info.folder is None:
+        return None
+    path = tuned_schedule_path(info.folder, sampler, calls)
+    if not path.exists():
+        return None
+    return tuned.load_tuned(path, info.weights_sha256, info.num_timesteps)
+
+
+def save_tuned_schedule(info: ModelInfo, schedule: tuned.TunedSchedule) -> Path:
+    """Write ``schedule`` into the model folder (atomically). Refused (ValueError) unless the
+    folder's weights file still has the SHA-256 config.json records and the schedule was tuned for it."""
+    if info.folder is None:
+        raise ValueError("tuned schedules are saved into a model folder; this model has none (random init)")
+    weights_path = Path(info.folder) / WEIGHTS_FILE
+    if info.weights_sha256 is None:
+        raise ValueError(f"{info.folder / CONFIG_FILE}: records no {WEIGHTS_HASH_KEY}, so a tuned schedule could not "
+                         "be tied to these weights: save the model again with this fastdiff")
+    _, sha256 = _read_weights(weights_path)
+    if sha256 != info.weights_sha256 or schedule.weights_sha256 != sha256:
+        raise ValueError(f"{weights_path}: its SHA-256 {sha256[:12]}... does not match the weights the schedule was "
+                         f"tuned with ({schedule.weights_sha256[:12]}...) or config.json's {WEIGHTS_HASH_KEY}")
+    path = tuned_schedule_path(info.folder, schedule.sampler, schedule.calls)
+    path.parent.mkdir(exist_ok=True)
+    return tuned.save_tuned(path, schedule)
 
 
 def save_model(

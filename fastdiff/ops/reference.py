@@ -144,19 +144,21 @@ def sampler_step(
     rng: torch.Tensor | None = None,
     clip_range: float | None = None,
     history: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of :class:`fastdiff.schedulers.StepTable` form; returns (x_prev, x0).
 
     Noise: ``noise`` if given; else Philox keyed by (element, sample, rng offset, step index)
     if ``rng`` (int64 [seed, offset], or [seed, offset, first sample] where samples are
     numbered from rng[2]) is given; else none. Math in fp32 (fp64 for fp64 x_t: the verify
-    command's float64 truth), cast on return.
+    command's float64 truth; ``compute_dtype`` chooses it: float64 for the ODE reference solution,
+    :mod:`fastdiff.bench.ode_error`), cast on return.
     ``history`` (K, *x_t.shape), multistep tables: adds sum_k coefs[6 + k] * history[k]. With K
     data slots (coefs 6 + K wide) it is shifted in place so that history[0] = x0. With the
     corrector (coefs 8 + 2K wide) the step reads y = u . (x_t, x0, history) for x_t, the last slot
     takes y and the K - 1 others shift (see :mod:`fastdiff.schedulers.schedules`).
     """
-    compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    compute = compute_dtype or (torch.float64 if x_t.dtype == torch.float64 else torch.float32)
     # index_select (not coefs[step_index]): a 0-dim index tensor would be read on the host.
     c = coefs.index_select(0, step_index.long().reshape(1))[0].to(compute)
     x, e = x_t.to(compute), eps.to(compute)

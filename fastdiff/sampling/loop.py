@@ -21,14 +21,14 @@ def run_steps(
     on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """x after the table's S steps, step i called with a device step index holding i, z =
-    ``noise_at(i)`` and the multistep history buffer (zeroed, on x's device; None for DDPM/DDIM)."""
+    ``noise_at(i)`` and the multistep history buffer (zeroed, on x's device in x's dtype; None for DDPM/DDIM)."""
     steps = range(table.num_steps)
     if progress:
         from tqdm.auto import tqdm  # only when a progress bar is asked for
 
         steps = tqdm(steps, desc=f"{table.method} sampling", unit="step")
     step_index = torch.zeros((), dtype=torch.int64, device=x.device)
-    history = table.new_history(x.shape, x.device)
+    history = table.new_history(x.shape, x.device, x.dtype)
     for i in steps:
         step_index.fill_(i)
         x = step(x, step_index, noise_at(i), history)

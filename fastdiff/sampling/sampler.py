@@ -91,7 +91,10 @@ class Sampler:
 
     ``cache``: where compiled steps are kept for later processes (:mod:`fastdiff.engines.cache`):
     "auto" (``$FASTDIFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastdiff``), a folder, an
-    ArtifactCache, or False (compile in this process only: inductor then runs torch.compile)."""
+    ArtifactCache, or False (compile in this process only: inductor then runs torch.compile).
+    ``timesteps``: "auto" runs the model folder's tuned schedule (``fastdiff tune-steps``) for this
+    method and ``steps`` when it has one tuned for these weights, "default" never does, "tuned"
+    requires it; ``describe()["timesteps"]`` says which ran. Only the table's rows change."""
 
     def __init__(
         self,
@@ -112,6 +115,7 @@ class Sampler:
         autotune: bool = True,
         engine: str = AUTO,
         cache=AUTO,
+        timesteps: str = AUTO,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,7 +127,8 @@ class Sampler:
         self.device = resolve_device(device if device is not None else model_device(model))
         self.dtype = dtype
         self.notes: list[str] = []
-        self.table = make_table(schedule, method, steps, eta, order, model, start).to(self.device)
+        table, self.timesteps_source = make_table(schedule, method, steps, eta, order, model, start, timesteps)
+        self.table = table.to(self.device)
         if schedule is None and types.is_unet(model) and getattr(model, SCHEDULE_ATTRIBUTE, None) is None:
             self._note(f"no schedule given for a diffusers UNet: sampling with a linear schedule, T = 1000, "
                        f"{DEFAULT_SPACINGS[self.table.method]} spacing, no clipping; pass schedule=<the pipeline's "
@@ -240,6 +245,7 @@ class Sampler:
             "attention": sorted(self._attention_routes),
             "cache": None if self._steps.cache is None else str(self._steps.cache.root),
             "noise": "seed mode: z " + ("drawn in-kernel (Philox)" if self.philox_seed_mode else "from draw_noise"),
+            "timesteps": self.timesteps_source,
             "notes": list(self.notes),
         }
 

@@ -23,13 +23,15 @@ from fastdiff.schedulers.timesteps import TIMESTEP_SPACINGS, leading_timesteps, 
 from fastdiff.schedulers.unipc import unipc_table
 
 METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", *EULER_METHODS, "unipc")
+#: The methods whose tables take explicit timesteps (``step_table(timesteps=...)``: tuned schedules).
+EXPLICIT_TIMESTEP_METHODS = ("ddim", "dpmsolver++", "sde-dpmsolver++")
 #: The timestep spacing :func:`step_table` gives each method (diffusers' default for its scheduler;
 #: DPM-Solver++'s linspace is over S + 1 points, Euler's rounded to integer timesteps).
 DEFAULT_SPACINGS = {"ddpm": "leading", "ddim": "leading", "dpmsolver++": "linspace", "sde-dpmsolver++": "linspace",
                     "euler": "linspace", "euler-ancestral": "linspace", "unipc": "linspace"}
 
 __all__ = [
-    "DDPM_FORMS", "DDPM_VARIANCES", "DEFAULT_SPACINGS", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS",
+    "DDPM_FORMS", "DDPM_VARIANCES", "DEFAULT_SPACINGS", "EXPLICIT_TIMESTEP_METHODS", "MAX_TIMESTEPS", "METHODS", "SCHEDULES", "STEP_COLUMNS",
     "TIMESTEP_SPACINGS", "NoiseSchedule", "StepTable", "cosine_schedule", "ddim_table", "ddpm_table",
     "dpmsolver_table", "euler_table", "leading_timesteps", "linear_schedule", "make_schedule", "spaced_timesteps",
     "step_table", "unipc_table",
@@ -45,16 +47,24 @@ def step_table(
     clip_sample: bool | None = None,
     order: int = 2,
     start: int = 0,
+    timesteps=None,
 ) -> StepTable:
     """The table for a sampler by name: ``"ddpm"`` (Algorithm 2 form), ``"ddim"``, DPM-Solver++
     of ``order`` 1-3, ``"dpmsolver++"`` or ``"sde-dpmsolver++"``, or UniPC (bh2) of ``order`` 1-3,
     ``"unipc"`` (20 steps by default, diffusers' defaults otherwise: see
     :func:`~fastdiff.schedulers.dpmsolver.dpmsolver_table` and :func:`~fastdiff.schedulers.unipc.unipc_table`),
     or ``"euler"`` / ``"euler-ancestral"`` (30 steps by default, :func:`~fastdiff.schedulers.euler.euler_table`).
-    ``start``: the table of a run that begins at step ``start`` of the ``steps`` (img2img)."""
+    ``start``: the table of a run that begins at step ``start`` of the ``steps`` (img2img).
+    ``timesteps``: explicit descending timesteps (a tuned schedule, :mod:`fastdiff.schedulers.tuned`)
+    for DDIM and DPM-Solver++; ``steps`` must then be None or their number."""
+    if timesteps is not None:
+        if method not in EXPLICIT_TIMESTEP_METHODS:
+            raise ValueError(f"timesteps: explicit timesteps apply to ddim and dpmsolver++, not {method!r}")
+        if steps is not None and steps != len(timesteps):
+            raise ValueError(f"steps={steps} does not match the {len(timesteps)} timesteps given")
     if method in ("dpmsolver++", "sde-dpmsolver++"):
         return dpmsolver_table(schedule, steps=20 if steps is None else steps, order=order, algorithm=method,
-                               start=start)
+                               start=start, timesteps=timesteps)
     if method == "unipc":
         if eta:
             raise ValueError(f"eta applies to method 'ddim' only; UniPC is deterministic, got eta={eta!r}")
@@ -62,7 +72,8 @@ def step_table(
     if method == "ddpm":
         table = ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
     elif method == "ddim":
-        table = ddim_table(schedule, steps=50 if steps is None else steps, eta=eta, clip_sample=bool(clip_sample))
+        table = ddim_table(schedule, steps=50 if steps is None else steps, eta=eta, clip_sample=bool(clip_sample),
+                           timesteps=timesteps)
     elif method in EULER_METHODS:
         table = euler_table(schedule, steps=30 if steps is None else steps, method=method)
     else:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fastdiff.schedulers.schedules import NoiseSchedule, StepTable, check_start
+from fastdiff.schedulers.timesteps import check_timesteps
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -52,17 +53,25 @@ def dpmsolver_table(
     euler_at_final: bool = False,
     lambda_min_clipped: float = -math.inf,
     start: int = 0,
+    timesteps=None,
+    dtype: torch.dtype = torch.float32,
 ) -> StepTable:
     """The table of ``DPMSolverMultistepScheduler(solver_order=order, algorithm_type=algorithm,
     ...)`` after ``set_timesteps(steps)``, for the run from step ``start`` (``set_begin_index(start)``)
     to the end; coefs are (S - start, 6 + order - 1).
 
     ``round_karras_timesteps``: diffusers rounds Karras timesteps except for its cosine
-    ("squaredcos_cap_v2") schedule, where it truncates them.
+    ("squaredcos_cap_v2") schedule, where it truncates them. ``timesteps``: explicit descending
+    model timesteps (diffusers' ``set_timesteps(timesteps=...)``; tuned schedules) in place of
+    ``steps`` and the spacing. ``dtype``: of the coefs (float64 for an ODE reference solution).
     """
+    if timesteps is not None:
+        timesteps = check_timesteps(timesteps, schedule.num_timesteps)
+        steps = timesteps.shape[0]
     _check_options(schedule, steps, order, algorithm, solver_type, prediction, spacing, final_sigmas)
     timesteps, sigmas = dpmsolver_sigmas(
-        schedule, steps, spacing, steps_offset, karras, round_karras_timesteps, final_sigmas, lambda_min_clipped
+        schedule, steps, spacing, steps_offset, karras, round_karras_timesteps, final_sigmas, lambda_min_clipped,
+        timesteps,
     )
     alpha = 1.0 / (sigmas**2 + 1.0).sqrt()  # VP: alpha_t^2 + sigma_t^2 = 1
     sigma = sigmas * alpha
@@ -75,7 +84,7 @@ def dpmsolver_table(
         row[0:2] = torch.tensor(data_prediction(prediction, float(alpha[i]), float(sigma[i])))
         step_order = _step_order(i, num, order, i - start, final_sigmas, lower_order_final, euler_at_final)
         row[2:] = _update_row(algorithm, solver_type, step_order, order, alpha, sigma, lam, i)
-    return StepTable(algorithm, timesteps[start:], coefs.float(), None)
+    return StepTable(algorithm, timesteps[start:], coefs.to(dtype), None)
 
 
 def dpmsolver_sigmas(
@@ -87,22 +96,26 @@ def dpmsolver_sigmas(
     round_karras_timesteps: bool = True,
     final_sigmas: str = "zero",
     lambda_min_clipped: float = -math.inf,
+    timesteps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps (S,) int64, sigmas (S + 1,) float64) as ``set_timesteps`` makes them;
-    sigma = sqrt((1 - abar) / abar), the last one the final sigma (0 or sigma_min)."""
+    sigma = sqrt((1 - abar) / abar), the last one the final sigma (0 or sigma_min).
+    ``timesteps`` (checked, descending) replaces the spacing when given."""
     T = schedule.num_timesteps
     abar = schedule.alphas_cumprod
     all_sigmas = ((1.0 - abar) / abar).sqrt().numpy()
     lambdas = 0.5 * (abar.log() - (1.0 - abar).log())
     clipped = int(torch.searchsorted(lambdas.flip(0), torch.tensor(float(lambda_min_clipped), dtype=torch.float64)))
     last = T - clipped
-    if spacing == "linspace":
+    if timesteps is not None:
+        t = timesteps.numpy()
+    elif spacing == "linspace":
         t = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
         t = (np.arange(0, steps + 1) * (last // (steps + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
     else:
         t = np.arange(last, 0, -T / steps).round().astype(np.int64) - 1
-    if karras:
+    if karras and timesteps is None:
         # In float32 as diffusers does: with truncation, t = 998.99999 and 999.0 differ.
         sigmas32 = ((1.0 - abar.float()) / abar.float()).sqrt().numpy()
         sigma_min, sigma_max = float(sigmas32[0]), float(sigmas32[-1])

@@ -142,11 +142,12 @@ class StepTable:
         extra = self.coefs.shape[1] - len(STEP_COLUMNS)
         return (extra - 2) // 2 if self.corrector else extra
 
-    def new_history(self, shape, device=None) -> torch.Tensor | None:
-        """The zeroed (history_size, *shape) float32 buffer a run starts from; None if no history."""
+    def new_history(self, shape, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The zeroed (history_size, *shape) buffer (float32 unless an ODE reference runs in float64)
+        a run starts from; None if no history."""
         if self.history_size == 0:
             return None
-        return torch.zeros((self.history_size, *shape), dtype=torch.float32, device=device)
+        return torch.zeros((self.history_size, *shape), dtype=dtype, device=device)
 
     def to(self, device) -> "StepTable":
         return StepTable(self.method, self.timesteps.to(device), self.coefs.to(device), self.clip, self.corrector)

@@ -33,3 +33,17 @@ def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", s
     if int(timesteps.max()) >= num_timesteps:
         raise ValueError(f"steps_offset {steps_offset} puts the first timestep past T - 1 = {num_timesteps - 1}")
     return timesteps
+
+
+def check_timesteps(timesteps, num_timesteps: int) -> torch.Tensor:
+    """Explicit model timesteps (a tuned schedule): a non-empty, strictly descending sequence of
+    integers in [0, num_timesteps - 1]; returned as an int64 tensor."""
+    values = torch.as_tensor(timesteps)
+    if values.dim() != 1 or values.numel() == 0 or values.is_floating_point() or values.dtype == torch.bool:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence of integers, got {timesteps!r}")
+    values = values.to(torch.int64)
+    if int(values.min()) < 0 or int(values.max()) >= num_timesteps:
+        raise ValueError(f"timesteps must lie in [0, {num_timesteps - 1}], got {values.tolist()}")
+    if values.numel() > 1 and not bool((values[1:] < values[:-1]).all()):
+        raise ValueError(f"timesteps must be strictly descending, got {values.tolist()}")
+    return values

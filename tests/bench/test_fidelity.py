@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.bench.fidelity import DigitsFeatures, compare, draw_in_chunks, frechet_distance, permutation_noise
+from fastdiff.bench.fidelity import (
+    DigitsFeatures,
+    compare,
+    draw_in_chunks,
+    frechet_distance,
+    permutation_noise,
+    precision_recall,
+)
 from fastdiff.training.data import load_digits_dataset
 
 
@@ -113,3 +120,23 @@ def test_cli_refuses_a_model_of_other_images(tmp_path):
 
     save_model(random_init_model(UNetConfig.tiny(image_size=8, in_channels=3))[0], tmp_path / "rgb")
     assert main(["fidelity", "--model", str(tmp_path / "rgb"), "--quick", "--no-compile", "--device", "cpu"]) == 2
+
+
+def test_precision_recall_k3():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 4))
+    assert precision_recall(real, rng.normal(size=(200, 4))) > (0.8, 0.8)
+    precision, recall = precision_recall(real, rng.normal(size=(200, 4)) * 0.1)  # collapsed to the centre
+    assert precision == 1.0 and recall < 0.3
+    precision, recall = precision_recall(real, rng.normal(size=(200, 4)) + 10.0)  # elsewhere
+    assert precision == 0.0 and recall == 0.0
+    with pytest.raises(ValueError, match="N > k = 3"):
+        precision_recall(real, real[:3])
+
+
+def test_precision_recall_resample_keeps_each_points_radius():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(100, 4)), rng.normal(size=(100, 4))
+    assert precision_recall(real, fake, rows=np.arange(100)) == precision_recall(real, fake)
+    doubled = np.repeat(np.arange(50), 2)  # every point twice: still its own radius, not 0
+    assert precision_recall(real, fake, rows=doubled)[1] > 0.5

@@ -76,3 +76,21 @@ def test_headline_speedup_is_measured_on_the_scored_images(drawn):
     assert "dpm++2m-3" in text and "faster at DDPM-4's quality" in text
     with pytest.raises(ValueError, match="first chunk"):
         quality.measure_speedup(drawn, "dpm++2m", 3, num_samples=7, sweep=SWEEP)
+
+
+def test_tuned_rows_are_drawn_from_the_shipped_schedule_and_reported(tmp_path, monkeypatch):
+    from fastdiff.schedulers.tuned import TunedSchedule
+
+    shipped = {("dpm++2m", 3): TunedSchedule("dpm++2m", (999, 400, 60), 1000, "0" * 64)}
+    monkeypatch.setattr(quality, "read_tuned_schedule", lambda info, sampler, calls: shipped.get((sampler, calls)))
+    sweep = [("ddpm", 3), ("dpm++2m", 3, "default"), ("dpm++2m", 3, "tuned"), ("dpm++3m", 3, "tuned")]
+    monkeypatch.setattr(quality, "TUNED_BAR", ("dpm++2m", 3, "default"))
+    quality.draw_sets(tmp_path, num_samples=8, chunk=8, sweep=sweep, progress=False)
+    report = quality.write_report(tmp_path, sweep, base="tuned")
+    rows = {r["name"]: r for r in report["rows"]}
+    assert report["missing"] == ["dpm++3m-3-tuned"]  # no schedule shipped for it: not drawn
+    assert rows["dpm++2m-3-tuned"]["timesteps"] == [999, 400, 60] and rows["dpm++2m-3-tuned"]["schedule"] == "tuned"
+    assert rows["dpm++2m-3"]["timesteps"] == [999, 666, 333]
+    assert all(0 <= r["precision"] <= 1 and r["precision_band"][0] <= r["precision_band"][1] for r in rows.values())
+    assert report["fewest_calls_at_bar"]["bar"] == "dpm++2m-3"
+    assert (tmp_path / "tuned.md").read_text().count("| dpm++2m-3") == 2
