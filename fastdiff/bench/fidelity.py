@@ -184,8 +184,6 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"the digits feature space takes (N, 1, 16, 16) images, got {got}")
 
 
-
-
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
                      rows: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake`` against ``real``

@@ -123,7 +123,6 @@ def plot_png(result: dict, path) -> Path:
     # matplotlib is optional (fastdiff[bench])
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, info in result["paths"].items():
         rows = [r for r in result["results"] if r["path"] == name]

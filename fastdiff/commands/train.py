@@ -135,7 +135,6 @@ def _train(args: argparse.Namespace, device: str, world) -> int:
     return 0
 
 
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())

@@ -215,7 +215,6 @@ def test_an_image_size_that_cannot_fit_at_all_says_so(tmp_path, capsys, monkeypa
     assert "even one 4096x4096 image needs" in err and "Traceback" not in err
 
 
-
 def test_a_shard_that_cannot_fit_is_refused_before_sampling_with_a_hint(tmp_path, capsys, monkeypatch):
     """--num-images used to skip the memory check: a huge --shard-size ran into the allocator."""
     import fastdiff.engines.memory as memory

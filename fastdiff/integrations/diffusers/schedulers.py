@@ -92,6 +92,8 @@ def _unsupported_euler(scheduler) -> str | None:
     if scheduler.config.prediction_type not in fused:
         return f"prediction_type {scheduler.config.prediction_type!r} (fused: {', '.join(fused)})"
     return None
+
+
 def _unsupported_unipc(scheduler) -> str | None:
     config = scheduler.config
     if not scheduler.predict_x0:
