@@ -21,6 +21,7 @@ reference DDPM-1000 sampler, both timed in one process on the same first images 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -64,11 +65,12 @@ SWEEP = (
     + [("unipc", steps) for steps in (5, 8, 10, 15, 20, 25)]
 )
 #: Default against tuned timesteps (``fastdiff bench --quality --tuned``): DDPM-1000 (the anchor),
-#: then DPM-Solver++ 2M/3M at these calls with the default spacing and with the built-in model's
-#: tuned schedule (``schedules/<sampler>-<K>.json``) where it ships one.
+#: then DPM-Solver++ 2M/3M and UniPC at these calls with the default spacing and with the
+#: built-in model's tuned schedule (``schedules/<sampler>-<K>.json``) where it ships one.
 TUNED_CALLS = (4, 5, 6, 8, 10)
+TUNED_SAMPLERS = ("dpm++2m", "dpm++3m", "unipc")
 TUNED_SWEEP = [("ddpm", 1000)] + [
-    (name, calls, kind) for name in ("dpm++2m", "dpm++3m") for calls in TUNED_CALLS for kind in ("default", "tuned")
+    (name, calls, kind) for name in TUNED_SAMPLERS for calls in TUNED_CALLS for kind in ("default", "tuned")
 ]
 #: The bar of the tuned comparison's FD to DDPM-1000: this default set's, measured in the same run.
 TUNED_BAR = ("dpm++3m", 8, "default")
@@ -98,35 +100,60 @@ def _built_in_model():
 
 
 def draw_sets(out: Path, num_samples: int, chunk: int, seed: int = 0, sweep=SWEEP, progress: bool = True) -> None:
-    """Draw (or find cached) every set of ``sweep`` with the eager reference sampler."""
+    """Draw (or find cached) every set of ``sweep`` with the eager reference sampler.
+
+    A set is saved after each chunk, so a killed run resumes at its last chunk; a cached set is
+    used only when it was drawn by the same table (timesteps and rows), chunk and seed, and a
+    smaller one is extended by the chunks it lacks (its time and CPU time add up)."""
 
     model, schedule, shape = _built_in_model()
     (out / "sets").mkdir(parents=True, exist_ok=True)
     for entry in sweep:
-        path = out / "sets" / f"{set_name(*entry)}.pt"
-        if path.exists() and torch.load(path)["images"].shape[0] >= num_samples:
-            continue
         table = sweep_table(schedule, *entry)
         if table is None:
             continue
-        sampler, steps = entry[:2]
+        path = out / "sets" / f"{set_name(*entry)}.pt"
+        record = _matching_record(path, table, chunk, seed)
+        if record is not None and record["images"].shape[0] >= num_samples:
+            continue
+        if record is not None and record["images"].shape[0] % chunk:
+            record = None  # a partial last chunk: the next chunk's seed would not follow it
 
         def draw(batch: int, chunk_seed: int) -> torch.Tensor:
             return sample_reference(model, table, (batch, *shape), seed=chunk_seed)
 
-        load_before = os.getloadavg()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        images = draw_in_chunks(draw, num_samples, chunk, seed)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        record = {"sampler": sampler, "steps": steps, "timesteps": table.timesteps.tolist(),
-                  "model_calls": table.num_steps, "images": images,
-                  "seconds": seconds, "cpu_seconds": cpu_seconds, "chunk": chunk, "seed": seed, "torch_threads": torch.get_num_threads(),
-                  "load_before": load_before, "load_after": os.getloadavg(),
-                  "path": "fastdiff.sampling.reference.sample_reference (eager PyTorch, float32, CPU)"}
-        atomic_write(path, lambda tmp: torch.save(record, tmp))
+        if record is None:
+            record = {"sampler": entry[0], "steps": entry[1], "timesteps": table.timesteps.tolist(),
+                      "coefs_sha256": _coefs_digest(table), "model_calls": table.num_steps,
+                      "images": torch.zeros((0, *shape)), "seconds": 0.0, "cpu_seconds": 0.0, "chunk": chunk,
+                      "seed": seed, "torch_threads": torch.get_num_threads(), "load_before": os.getloadavg(),
+                      "path": "fastdiff.sampling.reference.sample_reference (eager PyTorch, float32, CPU)"}
+        while record["images"].shape[0] < num_samples:
+            done = record["images"].shape[0]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            images = draw_in_chunks(draw, min(chunk, num_samples - done), chunk, seed + done // chunk)
+            record["seconds"] += time.perf_counter() - start
+            record["cpu_seconds"] += time.process_time() - cpu_start
+            record["images"] = torch.cat([record["images"], images])
+            record["load_after"] = os.getloadavg()
+            atomic_write(path, lambda tmp: torch.save(record, tmp))
         if progress:
-            print(f"{set_name(*entry)}: {num_samples} images in {seconds:.1f} s "
-                  f"(load {load_before[0]:.1f} -> {record['load_after'][0]:.1f})", flush=True)
+            print(f"{set_name(*entry)}: {num_samples} images in {record['seconds']:.1f} s "
+                  f"(load {record['load_before'][0]:.1f} -> {record['load_after'][0]:.1f})", flush=True)
+
+
+def _coefs_digest(table) -> str:
+    return hashlib.sha256(table.coefs.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _matching_record(path: Path, table, chunk: int, seed: int) -> dict | None:
+    """The cached set at ``path`` when it was drawn by ``table`` with this chunk and seed, else None."""
+    if not path.exists():
+        return None
+    record = torch.load(path)
+    same = (record.get("timesteps") == table.timesteps.tolist() and record.get("coefs_sha256") == _coefs_digest(table)
+            and record.get("chunk") == chunk and record.get("seed") == seed)
+    return record if same else None
 
 
 def _first_noise(table, shape, num_samples: int, chunk: int, seed: int):
@@ -216,11 +243,17 @@ def ensure_speedup(out: Path, num_samples: int = 100, sweep=SWEEP, scored: int |
     )
 
 
-def bootstrap_band(features: np.ndarray, target: np.ndarray, fd: float, seed: int = 0) -> tuple[float, float]:
-    """Basic bootstrap interval of FD(features, target) at the fidelity noise quantile."""
+def bootstrap_band(features: np.ndarray, target: np.ndarray, fd: float, seed: int = 0,
+                   paired: bool = False) -> tuple[float, float]:
+    """Basic bootstrap interval of FD(features, target) at the fidelity noise quantile.
+    ``paired``: ``target`` is a sample set drawn from the same x_T (the DDPM-1000 set), resampled
+    with the same rows; otherwise it is held fixed (the real digits)."""
     rng = np.random.default_rng(seed)
     n = features.shape[0]
-    draws = np.array([frechet_distance(features[rng.integers(0, n, n)], target) for _ in range(BOOTSTRAPS)])
+    draws = []
+    for _ in range(BOOTSTRAPS):
+        rows = rng.integers(0, n, n)
+        draws.append(frechet_distance(features[rows], target[rows] if paired else target))
     median = float(np.median(draws))
     low, high = np.quantile(draws, [1 - NOISE_QUANTILE, NOISE_QUANTILE])
     return float(max(fd - (high - median), 0.0)), float(fd + (median - low))
@@ -283,10 +316,10 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
     anchor_fd = frechet_distance(anchor_features, heldout)
     band = bootstrap_band(anchor_features, heldout, anchor_fd)
     anchor_seconds = records[anchor]["seconds"]
-    rows = []
+    rows, row_features = [], {}
     for name, rec in records.items():
-        f = features.features(rec["scored"])
-        fd = frechet_distance(f, heldout)
+        f = row_features[name] = features.features(rec["scored"])
+        fd, fd_to_anchor = frechet_distance(f, heldout), frechet_distance(f, anchor_features)
         precision, recall = precision_recall(heldout, f)
         pr_band = bootstrap_interval(lambda rows: precision_recall(heldout, f, rows=rows), f.shape[0])
         rows.append({
@@ -295,7 +328,9 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
             "fd_heldout_band": list(bootstrap_band(f, heldout, fd)),
             "precision": precision, "recall": recall, "precision_band": [pr_band[0][0], pr_band[1][0]],
             "recall_band": [pr_band[0][1], pr_band[1][1]], "ode_error": _ode_error(model, schedule, rec["entry"], ode),
-            "num_samples": rec["scored"].shape[0], "cpu_seconds": rec.get("cpu_seconds"), "fd_heldout": fd, "fd_to_anchor": frechet_distance(f, anchor_features),
+            "num_samples": rec["scored"].shape[0], "cpu_seconds": rec.get("cpu_seconds"), "fd_heldout": fd,
+            "fd_to_anchor": fd_to_anchor, "fd_to_anchor_band": list(bootstrap_band(f, anchor_features, fd_to_anchor,
+                                                                                   paired=True)),
             "within_anchor_band": bool(fd <= band[1]), "seconds": rec["seconds"], "images_per_s": rec["images"].shape[0] / rec["seconds"],
             "speedup_vs_anchor": anchor_seconds / rec["seconds"], "load_before": rec["load_before"][0],
             "load_after": rec["load_after"][0], "label_histogram": features.label_histogram(rec["scored"]),
@@ -305,9 +340,13 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
     for row in rows:
         row["pareto"] = row["name"] in front
     bar = next((r for r in rows if r["name"] == set_name(*TUNED_BAR)), None)
-    reaching = [] if bar is None else [r for r in rows if r["within_anchor_band"] and r["sampler"].startswith("dpm++")
+    reaching = [] if bar is None else [r for r in rows if r["within_anchor_band"] and r["name"] != anchor
                                        and r["fd_to_anchor"] <= bar["fd_to_anchor"]]
     fewest = min(reaching, key=lambda r: (r["model_calls"], r["fd_to_anchor"])) if reaching else None
+    if fewest is not None:  # how sure "no worse than the bar" is: rows resampled alike in all three sets
+        fewest["fd_to_anchor_minus_bar_band"] = list(bootstrap_interval(
+            lambda rows: frechet_distance(row_features[fewest["name"]][rows], anchor_features[rows])
+            - frechet_distance(row_features[bar["name"]][rows], anchor_features[rows]), anchor_features.shape[0]))
     dpm = [r for r in rows if r["sampler"].startswith("dpm++") and r["within_anchor_band"]]
     best = min(dpm, key=lambda r: (r["model_calls"], r["seconds"])) if dpm else None
     first = next(iter(records.values()))
@@ -337,6 +376,7 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
             "bar": bar["name"], "bar_fd_to_anchor": bar["fd_to_anchor"],
             "row": None if fewest is None else fewest["name"],
             "model_calls": None if fewest is None else fewest["model_calls"],
+            "difference_band": None if fewest is None else fewest["fd_to_anchor_minus_bar_band"],
         },
         "rows": rows,
     }
@@ -356,7 +396,7 @@ def render_markdown(report: dict) -> str:
         "Timings are wall seconds on a shared 2-core CPU; load average (1 min) before/after each set is listed; "
         "CPU s: the process's CPU seconds for the set (all threads), which other work does not inflate.",
         "",
-        f"| sampler | model calls | FD to held-out [band] | within {name} band | FD to {name} set | precision [band] | "
+        f"| sampler | model calls | FD to held-out [band] | within {name} band | FD to {name} set [band] | precision [band] | "
         f"recall [band] | ode_error | images/s | speedup vs {name} | CPU s | Pareto | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -364,7 +404,7 @@ def render_markdown(report: dict) -> str:
         ode = "" if r["ode_error"] is None else f"{r['ode_error']:.4f}"
         lines.append(
             f"| {r['name']} | {r['model_calls']} | {r['fd_heldout']:.3f} {_band(r['fd_heldout_band'])} | "
-            f"{'yes' if r['within_anchor_band'] else 'no'} | {r['fd_to_anchor']:.3f} | "
+            f"{'yes' if r['within_anchor_band'] else 'no'} | {r['fd_to_anchor']:.3f} {_band(r['fd_to_anchor_band'])} | "
             f"{r['precision']:.3f} {_band(r['precision_band'])} | {r['recall']:.3f} {_band(r['recall_band'])} | "
             f"{ode} | "
             f"{r['images_per_s']:.3f} | {r['speedup_vs_anchor']:.1f}x | "
@@ -379,7 +419,9 @@ def render_markdown(report: dict) -> str:
                       "disjoint from the sets above and from tuning)."]
     fewest = report["fewest_calls_at_bar"]
     if fewest:
-        found = (f"**{fewest['row']}** ({fewest['model_calls']} calls)" if fewest["row"] else "no DPM-Solver++ row")
+        found = "no row" if fewest["row"] is None else (
+            f"**{fewest['row']}** ({fewest['model_calls']} calls; its FD to the {name} set minus the bar's, "
+            f"paired bootstrap: [{fewest['difference_band'][0]:.3f}, {fewest['difference_band'][1]:.3f}])")
         lines += ["", f"Fewest calls with FD to held-out inside {name}'s band and FD to the {name} set no worse than "
                       f"{fewest['bar']}'s ({fewest['bar_fd_to_anchor']:.3f}, same run): {found}."]
     notes = [f"{r['name']}: {r['note']}" for r in report["rows"] if r["note"]]
@@ -475,6 +517,10 @@ def write_tuned_report(out: Path, num_samples: int, chunk: int, seed: int = 0,
     """Default against tuned timesteps (:data:`TUNED_SWEEP`): draw (or find cached) the sets,
     solve (or find cached) the evaluation set's ODE reference, write tuned.json/.md/.png."""
     draw_sets(out, num_samples, chunk, seed, sweep=TUNED_SWEEP, progress=progress)
+    return write_report(out, TUNED_SWEEP, num_samples, evaluation_reference(out, evaluation_size), base="tuned")
+
+
+def evaluation_reference(out: Path, size: int = EVALUATION_SIZE) -> ODEReference:
+    """The built-in model's ODE solution on ``size`` evaluation x_T (the ode_error column), cached in OUT/sets."""
     model, schedule, shape = _built_in_model()
-    ode = reference_solution(model, schedule, shape, evaluation_size, EVALUATION_SEED, out / "sets")
-    return write_report(out, TUNED_SWEEP, num_samples, ode, base="tuned")
+    return reference_solution(model, schedule, shape, size, EVALUATION_SEED, out / "sets")

@@ -4,14 +4,16 @@ The objective is :func:`fastdiff.bench.ode_error.ode_error` on a calibration set
 distance of the sampler's images to the model's exact probability-flow ODE solution. The
 search is derivative-free (the timesteps are integers): a pattern search over the K timesteps,
 starting from the default spacing. Each move takes one timestep a fraction of the way towards
-a neighbour (the one above, or the one below; 0 below the last), fractions 1/2, 1/4, ... 1/32,
-so moves scale with the local gap; a move is kept when it lowers the error, and the fraction
-is halved once no move of the current one helps.
+a neighbour (the one above, or the one below; 0 below the last), fractions 1/2, 1/4, ... 1/64
+(at least one timestep), so moves scale with the local gap. A pass visits every timestep, last
+to first, and keeps the better of its two moves when it lowers the error; the fraction is
+halved after a pass that kept none, and the search ends after the finest one keeps none (or at
+the cap on candidate runs).
 
-A candidate that moves timestep i changes table rows i - 1 .. i + 2 only (a row reads the
-log-SNR of its step, the next one and up to two before), so its run restarts at step i - 1
-from the incumbent's cached state and model output there: K - i model calls instead of K,
-and the same images as a whole run (the cached model calls saw the same inputs).
+A candidate that moves timestep i changes table rows i - 1 .. i + 3 only (a row reads the
+log-SNR of its step, the next one and up to three before: UniPC's corrector of order 3), so its
+run restarts at step i - 1 from the incumbent's cached state and model output there: K - i model
+calls instead of K, and the same images as a whole run (the cached model calls saw the same inputs).
 """
 from __future__ import annotations
 
@@ -37,9 +39,9 @@ from fastdiff.schedulers import EXPLICIT_TIMESTEP_METHODS, NoiseSchedule, StepTa
 from fastdiff.schedulers.tuned import TunedSchedule
 
 #: Fractions of the gap to a neighbour a move takes, coarse to fine.
-FRACTIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
+FRACTIONS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64)
 #: Default cap on candidate runs (keeps the built-in model's search to minutes on 2 cores).
-MAX_EVALUATIONS = 80
+MAX_EVALUATIONS = 400
 
 
 @dataclass
@@ -56,8 +58,7 @@ class TuneResult:
 
 def tunable_samplers() -> tuple[str, ...]:
     """The --sampler names tune-steps takes: the deterministic ones whose method
-    :mod:`fastdiff.schedulers` can build over explicit timesteps (UniPC and Euler join once their
-    tables take them)."""
+    :mod:`fastdiff.schedulers` can build over explicit timesteps (Euler's table takes none)."""
     return tuple(name for name in DETERMINISTIC_SAMPLERS if SAMPLER_METHODS[name][0] in EXPLICIT_TIMESTEP_METHODS)
 
 
@@ -104,12 +105,16 @@ class _Runs:
 
 
 def _moves(timesteps: list[int], i: int, fraction: float, top: int) -> list[list[int]]:
-    """Candidates moving timestep ``i`` ``fraction`` of the way to its neighbour above (T - 1 for
-    the first) or below (-1 past the last), still strictly descending in [0, T - 1]."""
+    """Candidates moving timestep ``i`` ``fraction`` of the way (at least one timestep) to its
+    neighbour above (T - 1 for the first) or below (-1 past the last), still strictly descending
+    in [0, T - 1]."""
     t = timesteps[i]
     above = top + 1 if i == 0 else timesteps[i - 1]
     below = -1 if i == len(timesteps) - 1 else timesteps[i + 1]
-    moved = {int(round(t + fraction * (target - t))) for target in (above - (i == 0), below)}
+    moved = set()
+    for target in (above - (i == 0), below):
+        step = fraction * (target - t)
+        moved.add(t + int(round(step)) if abs(step) >= 1 else t + (1 if target > t else -1))
     return [timesteps[:i] + [m] + timesteps[i + 1:] for m in sorted(moved) if m != t and below < m < above]
 
 
@@ -128,23 +133,22 @@ def tune_timesteps(model, schedule: NoiseSchedule, sampler: str, calls: int, cal
     evaluations, trace = 1, [best_error]
     top = schedule.num_timesteps - 1
     for fraction in FRACTIONS:
-        improved = True
-        while improved and evaluations < max_evaluations:
-            improved = False
-            for i in range(calls):
-                for candidate in _moves(best, i, fraction, top):
-                    if evaluations >= max_evaluations:
-                        break
+        kept = True
+        while kept and evaluations < max_evaluations:
+            kept = False
+            for i in reversed(range(calls)):
+                tried = []
+                for candidate in _moves(best, i, fraction, top)[:max_evaluations - evaluations]:
                     table = sampler_table(schedule, sampler, calls, candidate)
                     images, states = runs.run(table, max(i - 1, 0), cache)
                     evaluations += 1
-                    error = rms(images, calibration.solution)
-                    if error < best_error:
-                        best, best_error, cache, improved = candidate, error, states, True
-                        trace.append(error)
-                        if progress:
-                            progress(f"{evaluations} runs: error {error:.5f}, timesteps {best}")
-                        break
+                    tried.append((rms(images, calibration.solution), candidate, states))
+                error, candidate, states = min(tried, key=lambda tried: tried[0], default=(best_error, None, None))
+                if error < best_error:
+                    best, best_error, cache, kept = candidate, error, states, True
+                    trace.append(error)
+                    if progress:
+                        progress(f"{evaluations} runs: error {error:.5f}, timesteps {best}")
     return TuneResult(best, default.timesteps.tolist(), error_before, best_error, evaluations, runs.model_calls,
                       time.perf_counter() - start_time, trace)
 

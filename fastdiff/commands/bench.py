@@ -43,11 +43,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(eager reference path; sets cached under OUT/sets, so a stopped run resumes; "
                              "default OUT: benchmarks/quality)")
     parser.add_argument("--tuned", action="store_true",
-                        help="with --quality: default against tuned timesteps instead (DPM-Solver++ 2M/3M at 4, 5, 6, "
+                        help="with --quality: default against tuned timesteps instead (DPM-Solver++ 2M/3M and UniPC at 4, 5, 6, "
                              "8, 10 calls, the built-in model's schedules/; precision, recall, ode_error; writes "
                              "OUT/tuned.json/.md/.png)")
     parser.add_argument("--ode-size", type=positive_int, default=500,
-                        help="--quality --tuned: evaluation x_T of the ode_error column (default: %(default)s)")
+                        help="--quality: evaluation x_T of the ode_error column (solved once and cached; default: %(default)s)")
     parser.add_argument("--num-samples", type=positive_int, default=1000,
                         help="--quality: samples per sampler (default: %(default)s)")
     parser.add_argument("--chunk", type=positive_int, default=250,
@@ -133,7 +133,7 @@ def _run_quality(args: argparse.Namespace) -> int:
         return 0
     quality.draw_sets(out, args.num_samples, args.chunk, seed=args.seed, progress=not args.no_progress)
     quality.ensure_speedup(out, min(args.speedup_samples, args.chunk, args.num_samples), scored=args.num_samples)
-    report = quality.write_report(out, num_samples=args.num_samples)
+    report = quality.write_report(out, num_samples=args.num_samples, ode=quality.evaluation_reference(out, args.ode_size))
     print(quality.render_markdown(report))
     print(f"wrote: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'} and {out / 'grids'}/")
     return 0

@@ -16,13 +16,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="model folder (config.json + model.safetensors; default: the built-in model); "
                              "the schedule is written to FOLDER/schedules/<sampler>-<K>.json")
     parser.add_argument("--sampler", required=True, choices=DETERMINISTIC_SAMPLERS,
-                        help="a deterministic sampler whose table takes explicit timesteps (ddim, dpm++2m, dpm++3m)")
+                        help="a deterministic sampler whose table takes explicit timesteps (ddim, dpm++2m, dpm++3m, unipc)")
     parser.add_argument("--calls", required=True, type=positive_int, metavar="K", help="model calls (= steps)")
     parser.add_argument("--calibration-size", type=positive_int, default=256,
                         help="x_T the search tunes on (seeded, disjoint from the evaluation set; default: %(default)s)")
     parser.add_argument("--evaluation-size", type=int, default=500,
                         help="x_T the errors before/after are also reported on (0: skip; default: %(default)s)")
-    parser.add_argument("--max-evaluations", type=positive_int, default=80,
+    parser.add_argument("--max-evaluations", type=positive_int, default=400,
                         help="most candidate schedules tried (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help="folder caching the ODE reference solutions (default: %(default)s)")

@@ -24,7 +24,7 @@ from fastdiff.schedulers.unipc import unipc_table
 
 METHODS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++", *EULER_METHODS, "unipc")
 #: The methods whose tables take explicit timesteps (``step_table(timesteps=...)``: tuned schedules).
-EXPLICIT_TIMESTEP_METHODS = ("ddim", "dpmsolver++", "sde-dpmsolver++")
+EXPLICIT_TIMESTEP_METHODS = ("ddim", "dpmsolver++", "sde-dpmsolver++", "unipc")
 #: The timestep spacing :func:`step_table` gives each method (diffusers' default for its scheduler;
 #: DPM-Solver++'s linspace is over S + 1 points, Euler's rounded to integer timesteps).
 DEFAULT_SPACINGS = {"ddpm": "leading", "ddim": "leading", "dpmsolver++": "linspace", "sde-dpmsolver++": "linspace",
@@ -56,10 +56,11 @@ def step_table(
     or ``"euler"`` / ``"euler-ancestral"`` (30 steps by default, :func:`~fastdiff.schedulers.euler.euler_table`).
     ``start``: the table of a run that begins at step ``start`` of the ``steps`` (img2img).
     ``timesteps``: explicit descending timesteps (a tuned schedule, :mod:`fastdiff.schedulers.tuned`)
-    for DDIM and DPM-Solver++; ``steps`` must then be None or their number."""
+    for DDIM, DPM-Solver++ and UniPC; ``steps`` must then be None or their number."""
     if timesteps is not None:
         if method not in EXPLICIT_TIMESTEP_METHODS:
-            raise ValueError(f"timesteps: explicit timesteps apply to ddim and dpmsolver++, not {method!r}")
+            raise ValueError(f"timesteps: explicit timesteps apply to {', '.join(EXPLICIT_TIMESTEP_METHODS)}, "
+                             f"not {method!r}")
         if steps is not None and steps != len(timesteps):
             raise ValueError(f"steps={steps} does not match the {len(timesteps)} timesteps given")
     if method in ("dpmsolver++", "sde-dpmsolver++"):
@@ -68,7 +69,8 @@ def step_table(
     if method == "unipc":
         if eta:
             raise ValueError(f"eta applies to method 'ddim' only; UniPC is deterministic, got eta={eta!r}")
-        return unipc_table(schedule, steps=20 if steps is None else steps, order=order, begin=start)
+        return unipc_table(schedule, steps=20 if steps is None and timesteps is None else steps, order=order,
+                           begin=start, timesteps=timesteps)
     if method == "ddpm":
         table = ddpm_table(schedule, steps=steps, variance=variance, clip_sample=clip_sample)
     elif method == "ddim":

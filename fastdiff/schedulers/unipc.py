@@ -35,6 +35,7 @@ import torch
 
 from fastdiff.schedulers.dpmsolver import check_multistep_options, data_prediction, dpmsolver_sigmas
 from fastdiff.schedulers.schedules import NoiseSchedule, StepTable
+from fastdiff.schedulers.timesteps import check_timesteps
 
 SOLVER_TYPES = ("bh1", "bh2")
 
@@ -52,13 +53,19 @@ def unipc_table(
     lower_order_final: bool = True,
     disable_corrector: tuple[int, ...] = (),
     begin: int = 0,
+    timesteps=None,
 ) -> StepTable:
     """The table of ``UniPCMultistepScheduler(solver_order=order, solver_type=..., ...)`` after
     ``set_timesteps(steps)``, for a run over ``timesteps[begin:]``; coefs are (S - begin, 10 + 2 order),
     ``order + 1`` history slots. ``disable_corrector``: step indices (of the whole schedule) after
-    which no correction runs, as diffusers' option."""
+    which no correction runs, as diffusers' option. ``timesteps``: explicit descending model
+    timesteps (a tuned schedule) in place of ``steps`` and the spacing."""
+    if timesteps is not None:
+        timesteps = check_timesteps(timesteps, schedule.num_timesteps)
+        steps = timesteps.shape[0]
     _check_options(schedule, steps, order, solver_type, prediction, spacing, final_sigmas, lower_order_final, begin)
-    timesteps, sigmas = dpmsolver_sigmas(schedule, steps, spacing, steps_offset, karras, True, final_sigmas)
+    timesteps, sigmas = dpmsolver_sigmas(schedule, steps, spacing, steps_offset, karras, True, final_sigmas,
+                                         timesteps=timesteps)
     alpha = 1.0 / (sigmas**2 + 1.0).sqrt()  # VP: alpha_t^2 + sigma_t^2 = 1
     sigma = sigmas * alpha
     lam = alpha.log() - sigma.log()  # +inf at a final sigma of 0

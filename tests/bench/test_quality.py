@@ -42,6 +42,23 @@ def test_cached_sets_are_not_drawn_again(drawn):
     assert {p.name: p.stat().st_mtime_ns for p in (drawn / "sets").iterdir()} == before
 
 
+def test_a_set_is_extended_by_chunks_and_redrawn_when_its_table_changed(drawn, tmp_path):
+    import torch
+
+    sweep = [("dpm++2m", 3)]
+    quality.draw_sets(tmp_path, num_samples=6, chunk=6, sweep=sweep, progress=False)
+    path = tmp_path / "sets" / "dpm++2m-3.pt"
+    quality.draw_sets(tmp_path, num_samples=12, chunk=6, sweep=sweep, progress=False)
+    extended = torch.load(path)
+    whole = torch.load(drawn / "sets" / "dpm++2m-3.pt")
+    assert torch.equal(extended["images"], whole["images"])  # chunk 1 seeded as in one 12-image draw
+    assert extended["seconds"] > 0 and extended["coefs_sha256"] == whole["coefs_sha256"]
+    extended["timesteps"] = [999, 500, 1]  # drawn by another schedule: not used
+    torch.save(extended, path)
+    quality.draw_sets(tmp_path, num_samples=12, chunk=6, sweep=sweep, progress=False)
+    assert torch.load(path)["timesteps"] == whole["timesteps"]
+
+
 def test_scoring_the_first_n_of_each_set(drawn):
     report = quality.analyse(drawn, SWEEP, num_samples=10)
     assert report["num_samples"] == 10 and all(r["num_samples"] == 10 for r in report["rows"])
@@ -93,4 +110,11 @@ def test_tuned_rows_are_drawn_from_the_shipped_schedule_and_reported(tmp_path, m
     assert rows["dpm++2m-3"]["timesteps"] == [999, 666, 333]
     assert all(0 <= r["precision"] <= 1 and r["precision_band"][0] <= r["precision_band"][1] for r in rows.values())
     assert report["fewest_calls_at_bar"]["bar"] == "dpm++2m-3"
+    for row in rows.values():
+        assert row["fd_to_anchor_band"][0] <= row["fd_to_anchor"] <= row["fd_to_anchor_band"][1]
+    fewest = report["fewest_calls_at_bar"]
+    if fewest["row"] == "dpm++2m-3":  # the bar against itself
+        assert fewest["difference_band"] == [0.0, 0.0]
+    elif fewest["row"] is not None:
+        assert fewest["difference_band"][0] <= rows[fewest["row"]]["fd_to_anchor"] - rows["dpm++2m-3"]["fd_to_anchor"]
     assert (tmp_path / "tuned.md").read_text().count("| dpm++2m-3") == 2

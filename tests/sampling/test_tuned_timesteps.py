@@ -41,6 +41,16 @@ def test_sampler_runs_the_tuned_schedule_for_its_sampler_and_steps_only(folder):
     assert Sampler(model, picked.table, compile=False).describe()["timesteps"] == "as given"  # not claimed as default
 
 
+def test_unipc_runs_its_own_tuned_schedule(folder):
+    model, info = folders.load_model(folder)
+    folders.save_tuned_schedule(info, tuned.TunedSchedule("unipc", (990, 420, 60), 1000, info.weights_sha256))
+    picked = Sampler(model, method="unipc", steps=3, compile=False)  # order 2: the "unipc" sampler
+    assert picked.table.timesteps.tolist() == [990, 420, 60] and picked.table.corrector
+    assert picked.describe()["timesteps"] == f"tuned ({folder / 'schedules' / 'unipc-3.json'})"
+    assert Sampler(model, method="unipc", order=3, steps=3, compile=False).describe()["timesteps"] == "default"
+    assert _sampler(folder, order=2, steps=3).table.timesteps.tolist() == list(TIMESTEPS)  # dpm++2m's own file
+
+
 def test_a_schedule_for_other_weights_is_refused(folder):
     tuned.save_tuned(folder / "schedules" / "dpm++3m-3.json", tuned.TunedSchedule("dpm++3m", TIMESTEPS, 1000, "0" * 64))
     with pytest.warns(RuntimeWarning, match="tuned for other weights"):
@@ -72,8 +82,8 @@ def test_sample_command_says_which_timesteps_ran(folder, tmp_path, capsys):
 
 
 def test_tune_steps_refuses_bad_arguments(folder, capsys):
-    assert main(["tune-steps", "--model", str(folder), "--sampler", "unipc", "--calls", "4"]) == 2
-    assert "--sampler unipc: its table takes no explicit timesteps yet" in capsys.readouterr().err
+    assert main(["tune-steps", "--model", str(folder), "--sampler", "euler", "--calls", "4"]) == 2
+    assert "--sampler euler: its table takes no explicit timesteps yet" in capsys.readouterr().err
     weights = folder / folders.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
     assert main(["tune-steps", "--model", str(folder), "--sampler", "dpm++3m", "--calls", "4"]) == 2

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from fastdiff.ops import reference
 from fastdiff.schedulers import linear_schedule, step_table, tuned
 from fastdiff.schedulers.dpmsolver import dpmsolver_table
 
@@ -12,7 +13,7 @@ SCHEDULE = linear_schedule()
 HASH = "ab" * 32
 
 
-@pytest.mark.parametrize("method, order", [("dpmsolver++", 2), ("dpmsolver++", 3)])
+@pytest.mark.parametrize("method, order", [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("unipc", 3)])
 def test_explicit_default_timesteps_give_the_default_table(method, order):
     default = step_table(SCHEDULE, method, steps=6, order=order)
     explicit = step_table(SCHEDULE, method, order=order, timesteps=default.timesteps.tolist())
@@ -27,6 +28,28 @@ def test_explicit_timesteps_move_only_the_rows_that_read_them():
     changed = (table.coefs != default.coefs).any(dim=1).nonzero().flatten().tolist()
     assert changed == [2, 3, 4]  # rows i - 1 .. i + 2, but the last one is first order: it reads its own only
     assert dpmsolver_table(SCHEDULE, order=3, timesteps=moved, dtype=torch.float64).coefs.dtype == torch.float64
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_explicit_timesteps_match_diffusers_over_the_same_timesteps(order):
+    """diffusers' UniPC takes no timesteps argument: its timesteps and sigmas are set by hand after
+    set_timesteps, which is what its step reads."""
+    diffusers = pytest.importorskip("diffusers")
+    from unipc_cases import SHAPE, fake_model
+
+    timesteps = [978, 874, 600, 401, 200, 57, 20]
+    scheduler = diffusers.UniPCMultistepScheduler(solver_order=order)
+    scheduler.set_timesteps(len(timesteps))
+    abar = scheduler.alphas_cumprod
+    scheduler.timesteps = torch.tensor(timesteps)
+    scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt()[timesteps], torch.zeros(1)])
+    table = step_table(SCHEDULE, "unipc", order=order, timesteps=timesteps)
+    x = expected = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    history = table.new_history(x.shape)
+    for i, t in enumerate(timesteps):
+        expected = scheduler.step(fake_model(expected, t, abar), t, expected).prev_sample
+        x, _ = reference.sampler_step(x, fake_model(x, t, abar), torch.tensor(i), table.coefs, history=history)
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=2e-5)
 
 
 def test_ddim_explicit_timesteps_step_to_the_next_one():
