@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from fastdiff.bench import quality
+from fastdiff.bench import ode_error, quality
+from fastdiff.schedulers import step_table
 
 SWEEP = [("ddpm", 4), ("dpm++2m", 3), ("dpm++3m-sde", 3), ("ddim", 2), ("euler-a", 2)]
 
@@ -103,9 +104,13 @@ def test_tuned_rows_are_drawn_from_the_shipped_schedule_and_reported(tmp_path, m
     sweep = [("ddpm", 3), ("dpm++2m", 3, "default"), ("dpm++2m", 3, "tuned"), ("dpm++3m", 3, "tuned")]
     monkeypatch.setattr(quality, "TUNED_BAR", ("dpm++2m", 3, "default"))
     quality.draw_sets(tmp_path, num_samples=8, chunk=8, sweep=sweep, progress=False)
-    report = quality.write_report(tmp_path, sweep, base="tuned")
+    model, schedule, shape = quality._built_in_model()
+    x_T = ode_error.draw_x_T(shape, 4, seed=7)  # a 20-step 3M run stands in for the exact solution
+    fine = ode_error.deterministic_images(model, step_table(schedule, "dpmsolver++", steps=20, order=3), x_T)
+    ode = ode_error.ODEReference(x_T, fine.double(), 1, 0.0, "test", 7)
+    report = quality.write_report(tmp_path, sweep, ode=ode, base="tuned")
     rows = {r["name"]: r for r in report["rows"]}
-    assert report["missing"] == ["dpm++3m-3-tuned"]  # no schedule shipped for it: not drawn
+    assert report["missing"] == [] and report["no_tuned_schedule"] == ["dpm++3m-3-tuned"]  # none ships: not drawn
     assert rows["dpm++2m-3-tuned"]["timesteps"] == [999, 400, 60] and rows["dpm++2m-3-tuned"]["schedule"] == "tuned"
     assert rows["dpm++2m-3"]["timesteps"] == [999, 666, 333]
     assert all(0 <= r["precision"] <= 1 and r["precision_band"][0] <= r["precision_band"][1] for r in rows.values())
@@ -117,4 +122,9 @@ def test_tuned_rows_are_drawn_from_the_shipped_schedule_and_reported(tmp_path, m
         assert fewest["difference_band"] == [0.0, 0.0]
     elif fewest["row"] is not None:
         assert fewest["difference_band"][0] <= rows[fewest["row"]]["fd_to_anchor"] - rows["dpm++2m-3"]["fd_to_anchor"]
-    assert (tmp_path / "tuned.md").read_text().count("| dpm++2m-3") == 2
+    assert rows["ddpm-3"]["ode_error"] is None and rows["dpm++2m-3"]["ode_error"] > 0  # noisy rows have none
+    accurate = min((rows["dpm++2m-3"], rows["dpm++2m-3-tuned"]), key=lambda r: r["ode_error"])
+    assert report["most_accurate"]["name"] == accurate["name"]
+    markdown = (tmp_path / "tuned.md").read_text()
+    assert "No tuned schedule ships for: dpm++3m-3-tuned." in markdown
+    assert markdown.count("| dpm++2m-3") == 2 and f"The most accurate deterministic row, {accurate['name']}" in markdown
