@@ -351,6 +351,9 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
             - frechet_distance(row_features[bar["name"]][rows], anchor_features[rows]), anchor_features.shape[0]))
     dpm = [r for r in rows if r["sampler"].startswith("dpm++") and r["within_anchor_band"]]
     best = min(dpm, key=lambda r: (r["model_calls"], r["seconds"])) if dpm else None
+    # entries without a set: not drawn yet, or a tuned entry with no schedule (a folder read per entry)
+    absent = {set_name(*entry): sweep_table(schedule, *entry) is not None
+              for entry in sweep if set_name(*entry) not in records}
     with_error = [r for r in rows if r["ode_error"] is not None]
     most_accurate = min(with_error, key=lambda r: r["ode_error"]) if with_error else None
     first = next(iter(records.values()))
@@ -366,10 +369,8 @@ def analyse(out: Path, sweep=SWEEP, num_samples: int | None = None, ode: ODERefe
         "heldout_real": int(heldout.shape[0]),
         "anchor": {"name": anchor, "fd_heldout": anchor_fd, "band": list(band), "bootstraps": BOOTSTRAPS,
                      "quantile": NOISE_QUANTILE},
-        "missing": [set_name(*entry) for entry in sweep if set_name(*entry) not in records
-                    and sweep_table(schedule, *entry) is not None],
-        "no_tuned_schedule": [set_name(*entry) for entry in sweep if set_name(*entry) not in records
-                              and sweep_table(schedule, *entry) is None],
+        "missing": [name for name, has_table in absent.items() if has_table],
+        "no_tuned_schedule": [name for name, has_table in absent.items() if not has_table],
         "ode_evaluation": None if ode is None else {"size": ode.x_T.shape[0], "seed": ode.seed, "stride": ode.stride,
                                                     "change_at_double_step": ode.change_at_double_step},
         "headline": None if best is None else {
